@@ -1,0 +1,330 @@
+"""
+SplitMask (El-Nouby et al., 2021) and its BEiT baseline, from scratch in one file.
+
+ViT          the encoder: patch embedding + absolute positions + pre-norm transformer blocks.
+SplitMask    split the patches into two disjoint subsets, encode each alone, inpaint the other
+             subset's visual words with a 2-layer decoder, match the two global descriptors (InfoNCE).
+BEiT         encode all patches with masked ones replaced by a learned token, predict their words.
+info_nce     the symmetric InfoNCE loss, fused: tiled, fp32, no N x N tensor kept for backward,
+             negatives gathered across processes.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# name -> (width, depth, heads), as in Dosovitskiy et al. and DeiT.
+VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+
+# -----------------------------------------------------------------------------
+# The transformer
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch of some samples (and rescale the rest)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernel when available
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; layer scale (CaiT) multiplies each branch by a learned per-channel gain."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, layer_scale=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.drop_path = drop_path
+        self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale > 0 else None
+        self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale > 0 else None
+
+    def forward(self, x):
+        a, m = self.attn(self.norm1(x)), None
+        x = x + drop_path(a if self.gamma1 is None else a * self.gamma1, self.drop_path, self.training)
+        m = self.mlp(self.norm2(x))
+        return x + drop_path(m if self.gamma2 is None else m * self.gamma2, self.drop_path, self.training)
+
+
+def init_weights(module):
+    """ViT/BEiT initialisation: truncated normal (std 0.02) for linear layers and learned embeddings."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if "pos_embed" in name or "mask" in name:
+            nn.init.trunc_normal_(p, std=0.02)
+
+
+def gather_tokens(x, index):
+    """x [B, n, D], index [B, k] -> the k tokens of each sequence named by index, [B, k, D]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class ViT(nn.Module):
+    """Vision Transformer encoder with learned absolute position embeddings and no class token
+    (every consumer here mean-pools or works per patch)."""
+
+    def __init__(self, size="small", img_size=224, patch_size=16, drop_path=0.0, layer_scale=0.1):
+        super().__init__()
+        if size not in VIT_SIZES:
+            raise ValueError(f"unknown model size {size!r}: choose one of {sorted(VIT_SIZES)}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not divisible by patch_size={patch_size}")
+        self.dim, self.depth, self.heads = VIT_SIZES[size]
+        self.img_size, self.patch_size, self.layer_scale = img_size, patch_size, layer_scale
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.patch_embed = nn.Conv2d(3, self.dim, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, self.dim))
+        rates = torch.linspace(0, drop_path, self.depth).tolist()  # deeper blocks are dropped more often
+        self.blocks = nn.ModuleList(Block(self.dim, self.heads, 4.0, r, layer_scale) for r in rates)
+        self.norm = nn.LayerNorm(self.dim, eps=1e-6)
+        init_weights(self)
+
+    def patchify(self, images):
+        """[B, 3, H, W] -> patch embeddings [B, n, D] in row-major grid order, positions not yet added."""
+        return self.patch_embed(images).flatten(2).transpose(1, 2)
+
+    def forward_tokens(self, x, all_layers=False):
+        """Run the blocks and final norm on token sequences [B, k, D] (any k <= n)."""
+        layers = []
+        for block in self.blocks:
+            x = block(x)
+            layers.append(x)
+        return [self.norm(h) for h in layers] if all_layers else self.norm(x)
+
+    def forward(self, images, keep=None, all_layers=False):
+        """Encode images; with keep [B, k] only those patches are encoded (MAE-style, no mask tokens)."""
+        x = self.patchify(images) + self.pos_embed
+        if keep is not None:
+            x = gather_tokens(x, keep)
+        return self.forward_tokens(x, all_layers)
+
+
+def transformer_flops(tokens, seq_len, dim, depth):
+    """Forward FLOPs of `depth` blocks over `tokens` tokens in sequences of `seq_len`:
+    24*D^2 per token for qkv, projection and MLP, plus 4*seq_len*D per token for attention."""
+    return depth * tokens * (24 * dim * dim + 4 * seq_len * dim)
+
+
+# -----------------------------------------------------------------------------
+# SplitMask: split, inpaint, match
+
+
+class SplitMask(nn.Module):
+    def __init__(self, encoder, vocab_size, decoder_depth=2, mim_weight=1.0, nce_weight=1.0, temperature=0.2):
+        super().__init__()
+        self.encoder = encoder
+        D = encoder.dim
+        self.mim_weight, self.nce_weight, self.temperature = mim_weight, nce_weight, temperature
+        self.mask_embed = nn.Parameter(torch.zeros(1, 1, D))
+        # decoder width = encoder width (paper, Sec. 3); layer scale as in the encoder
+        self.decoder = nn.ModuleList(Block(D, encoder.heads, 4.0, 0.0, encoder.layer_scale) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, vocab_size)
+        init_weights(self.decoder), init_weights(self.head), init_weights(self.decoder_norm)
+        nn.init.trunc_normal_(self.mask_embed, std=0.02)
+
+    def forward(self, images, token_ids, visible):
+        """images [B, 3, H, W]; token_ids [B, n] visual words; visible [B, 2, k] patch indices of
+        subsets A and B (disjoint). Returns the loss, its parts and the MIM accuracy."""
+        enc, B = self.encoder, images.shape[0]
+        n, D = enc.num_patches, enc.dim
+        # 1. Split: embed once, then both subsets become one batch of 2B sequences of k tokens.
+        seen = torch.cat([visible[:, 0], visible[:, 1]])  # [2B, k]: rows :B are branch A, B: are branch B
+        x = gather_tokens((enc.patchify(images) + enc.pos_embed).repeat(2, 1, 1), seen)
+        z = enc.forward_tokens(x)  # the shared encoder never sees a mask token
+        # 2. Inpaint: a full-length sequence per branch: its own encoder outputs where it looked,
+        # the learned mask embedding + position embedding everywhere else.
+        filler = (self.mask_embed + enc.pos_embed).to(z.dtype).expand(2 * B, n, D)
+        h = filler.scatter(1, seen.unsqueeze(-1).expand(-1, -1, D), z)
+        for block in self.decoder:
+            h = block(h)
+        h = self.decoder_norm(h)
+        out = {"mim_loss": h.new_zeros(()), "nce_loss": h.new_zeros(()), "mim_acc": h.new_zeros(())}
+        if self.mim_weight > 0:
+            # A predicts the words of B and B those of A.
+            target_pos = torch.cat([visible[:, 1], visible[:, 0]])  # [2B, k]
+            logits = self.head(gather_tokens(h, target_pos)).float()
+            targets = torch.gather(token_ids.repeat(2, 1), 1, target_pos)
+            out["mim_loss"] = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            out["pred_ids"] = logits.argmax(-1)  # [2B, k], for accuracy and pictures
+            out["mim_acc"] = (out["pred_ids"] == targets).float().mean()
+        if self.nce_weight > 0:
+            # 3. Match: mean of ALL decoder outputs (seen and inpainted) is the branch's descriptor.
+            descriptor = h.mean(1)
+            out["nce_loss"] = info_nce(descriptor[:B], descriptor[B:], self.temperature)
+        out["loss"] = self.mim_weight * out["mim_loss"] + self.nce_weight * out["nce_loss"]
+        return out
+
+    def flops_per_image(self, mask_ratio=0.5):
+        """Training FLOPs per image (forward x 3), for MFU; each branch encodes k = n * (1 - mask_ratio)."""
+        enc, n = self.encoder, self.encoder.num_patches
+        k = round(n * (1 - mask_ratio))
+        fwd = 2 * n * 3 * enc.patch_size**2 * enc.dim
+        fwd += transformer_flops(2 * k, k, enc.dim, enc.depth)
+        fwd += transformer_flops(2 * n, n, enc.dim, len(self.decoder))
+        fwd += 2 * (2 * k) * enc.dim * self.head.out_features if self.mim_weight > 0 else 0
+        return 3 * fwd
+
+
+# -----------------------------------------------------------------------------
+# BEiT baseline (Bao et al., 2021): mask tokens inside the encoder, a linear head on top
+
+
+class BEiT(nn.Module):
+    def __init__(self, encoder, vocab_size):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.dim))
+        self.head = nn.Linear(encoder.dim, vocab_size)
+        init_weights(self.head)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, images, token_ids, masked):
+        """masked [B, m]: indices of the masked patches. Same outputs as SplitMask.forward."""
+        enc = self.encoder
+        x = enc.patchify(images)
+        is_masked = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, masked, True)
+        x = torch.where(is_masked.unsqueeze(-1), self.mask_token.to(x.dtype), x) + enc.pos_embed
+        logits = self.head(gather_tokens(enc.forward_tokens(x), masked)).float()
+        targets = torch.gather(token_ids, 1, masked)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        pred_ids = logits.argmax(-1)
+        acc = (pred_ids == targets).float().mean()
+        return {"loss": loss, "mim_loss": loss.detach(), "nce_loss": loss.new_zeros(()), "mim_acc": acc, "pred_ids": pred_ids}
+
+    def flops_per_image(self, mask_ratio=0.4):
+        enc, n = self.encoder, self.encoder.num_patches
+        fwd = 2 * n * 3 * enc.patch_size**2 * enc.dim + transformer_flops(n, n, enc.dim, enc.depth)
+        fwd += 2 * round(n * mask_ratio) * enc.dim * self.head.out_features
+        return 3 * fwd
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms, layer-scale gains, position embedding, tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "pos_embed" in name or "mask" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# -----------------------------------------------------------------------------
+# InfoNCE
+
+
+def info_nce_reference(xa, xb, temperature=0.2):
+    """The readable definition (one process): l(x_a) = -log softmax over all x_b of x_a.x_b/t at the
+    positive, and the same with a and b swapped; the two directions are averaged."""
+    a, b = F.normalize(xa.float(), dim=-1), F.normalize(xb.float(), dim=-1)
+    logits = a @ b.T / temperature
+    labels = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def _similarity_tiles(x, y, temperature, tile):
+    """Yield (start, x[start:start+tile] @ y.T / t) so that at most a tile x len(y) block is alive."""
+    for start in range(0, x.shape[0], tile):
+        yield start, x[start : start + tile] @ y.T / temperature
+
+
+def _tiled_lse(x, y, temperature, tile):
+    """Row and column log-sum-exp of S = x @ y.T / t, computed tile by tile."""
+    rows = torch.empty(x.shape[0], device=x.device)
+    cols = torch.full((y.shape[0],), -math.inf, device=x.device)
+    for start, s in _similarity_tiles(x, y, temperature, tile):
+        rows[start : start + len(s)] = s.logsumexp(1)
+        cols = torch.logaddexp(cols, s.logsumexp(0))
+    return rows, cols
+
+
+def _tiled_softmax_grads(x, y, row_lse, col_lse, temperature, tile, scale):
+    """Gradients of scale * (sum(row_lse) + sum(col_lse)) w.r.t. x and y, with the softmax recomputed
+    tile by tile (d lse / d S is the softmax). Either lse may be None (that direction is skipped)."""
+    gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+    for start, s in _similarity_tiles(x, y, temperature, tile):
+        p = torch.zeros_like(s)
+        if row_lse is not None:
+            p += torch.exp(s - row_lse[start : start + len(s), None])
+        if col_lse is not None:
+            p += torch.exp(s - col_lse[None, :])
+        p *= scale / temperature
+        gx[start : start + len(s)] = p @ y
+        gy += p.T @ x[start : start + len(s)]
+    return gx, gy
+
+
+class _FusedInfoNCE(torch.autograd.Function):
+    """Symmetric InfoNCE on unit vectors. a, b [B, D] are this process's descriptors; a_all, b_all [G, D]
+    the gathered ones of the global batch (None in a single process, where they equal a and b).
+    Direction a->b uses this process's rows of S = a_all @ b_all.T / t, direction b->a its columns, so
+    the loss is the mean over local positives and the mean over processes is the global loss.
+    Saved for backward: the inputs and one log-sum-exp per row and per column, never an N x N matrix."""
+
+    @staticmethod
+    def forward(ctx, a, b, a_all, b_all, temperature, tile):
+        if a_all is None:  # one process: rows and columns of the same matrix, computed once
+            row_lse, col_lse = _tiled_lse(a, b, temperature, tile)
+        else:
+            row_lse, _ = _tiled_lse(a, b_all, temperature, tile)
+            _, col_lse = _tiled_lse(a_all, b, temperature, tile)
+        positive = (a * b).sum(1) / temperature
+        ctx.save_for_backward(a, b, a_all, b_all, row_lse, col_lse)
+        ctx.temperature, ctx.tile = temperature, tile
+        return 0.5 * ((row_lse - positive).mean() + (col_lse - positive).mean())
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, a_all, b_all, row_lse, col_lse = ctx.saved_tensors
+        t, tile, B = ctx.temperature, ctx.tile, a.shape[0]
+        scale = grad / (2 * B)
+        if a_all is None:  # (backward runs outside autocast: the engine does not re-enter it)
+            ga, gb = _tiled_softmax_grads(a, b, row_lse, col_lse, t, tile, scale)
+            ga_all = gb_all = None
+        else:
+            ga, gb_all = _tiled_softmax_grads(a, b_all, row_lse, None, t, tile, scale)
+            ga_all, gb = _tiled_softmax_grads(a_all, b, None, col_lse, t, tile, scale)
+        ga -= 2 * scale * b / t  # the positive term, -2 * a.b / t per local pair
+        gb -= 2 * scale * a / t
+        return ga, gb, ga_all, gb_all, None, None
+
+
+def info_nce(xa, xb, temperature=0.2, tile=1024):
+    """Symmetric InfoNCE between the descriptors of the two branches, xa and xb [B, D].
+    Negatives: every other image of the GLOBAL batch; under torch.distributed the descriptors are
+    all-gathered and gradients flow back through the gather. Computed in fp32 whatever the AMP dtype."""
+    a, b = F.normalize(xa.float(), dim=-1), F.normalize(xb.float(), dim=-1)
+    a_all = b_all = None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_gather  # differentiable gather
+
+        a_all, b_all = torch.cat(all_gather(a)), torch.cat(all_gather(b))
+    with torch.autocast(a.device.type, enabled=False):  # similarities and exps stay in fp32
+        return _FusedInfoNCE.apply(a, b, a_all, b_all, temperature, tile)
