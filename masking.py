@@ -17,7 +17,7 @@ def _allowed_cells(grid, num_masked, allowed):
     h, w = grid
     allowed = np.ones(h * w, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     if allowed.shape != (h * w,):
-        raise ValueError(f"allowed must be a flat array of {h * w} cells, got shape {allowed.shape}")
+        raise ValueError(f"allowed must be flat with {h * w} cells, got shape {allowed.shape}")
     if not 0 <= num_masked <= allowed.sum():
         raise ValueError(f"cannot mask {num_masked} cells: only {allowed.sum()} are allowed")
     return allowed
@@ -69,7 +69,7 @@ def block_mask(grid, num_masked, rng, min_block=16, max_block=None, min_aspect=0
 
 
 def random_mask(grid, num_masked, rng, allowed=None):
-    """Uniform random masking: exactly num_masked cells, drawn without replacement from `allowed`."""
+    """Uniform random masking: exactly num_masked cells drawn without replacement from `allowed`."""
     allowed = _allowed_cells(grid, num_masked, allowed)
     mask = np.zeros_like(allowed)
     mask[rng.choice(np.flatnonzero(allowed), num_masked, replace=False)] = True
@@ -89,13 +89,13 @@ def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
     """Visible patch indices of SplitMask's branches A and B: int64 [2, k], rows sorted ascending.
 
     Each branch hides mask_ratio of the n patches, so sees k = round(n * (1 - mask_ratio)). At 0.5
-    (the paper's default) B is exactly A's complement. Above 0.5 (e.g. 0.75, for small datasets) the
-    branches see disjoint k-patch subsets; the rest is seen by neither but still predicted by both.
+    (the paper's default) B is exactly A's complement. Above 0.5 (e.g. 0.75, for small datasets)
+    the branches see disjoint k-patch subsets; the rest is seen by neither, predicted by both.
     Equal k lets both branches run as one batch of 2B sequences of length k.
     """
     if not 0.5 <= mask_ratio < 1:
-        raise ValueError(f"SplitMask mask_ratio must be in [0.5, 1) so that the two branches can be "
-                         f"disjoint, got {mask_ratio}")
+        raise ValueError(f"SplitMask mask_ratio must be in [0.5, 1) so that the two branches can "
+                         f"be disjoint, got {mask_ratio}")
     h, w = grid
     k = round(h * w * (1 - mask_ratio))
     if k == 0:

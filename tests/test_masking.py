@@ -177,13 +177,26 @@ def test_block_masks_are_contiguous(num_masked):
     assert mean_component_size(blocks, grid) > 3 * mean_component_size(randoms, grid)
 
 
+def test_block_mask_is_symmetric_and_isotropic():
+    # Uniform positions on a symmetric grid: each half is masked as often as its mirror image.
+    # Log-uniform aspect ratios in [r, 1/r]: tall blocks are as common as wide ones.
+    masks = np.stack([block_mask((14, 14), 49, np.random.default_rng(s)).reshape(14, 14)
+                      for s in range(2000)])
+    hits = masks.sum(axis=0)
+    assert abs(hits[:7].sum() / hits[7:].sum() - 1) < 0.12  # top vs bottom
+    assert abs(hits[:, :7].sum() / hits[:, 7:].sum() - 1) < 0.12  # left vs right
+    horizontal_pairs = (masks[:, :, 1:] & masks[:, :, :-1]).sum()
+    vertical_pairs = (masks[:, 1:, :] & masks[:, :-1, :]).sum()
+    assert abs(horizontal_pairs / vertical_pairs - 1) < 0.05
+
+
 def test_split_branches_are_contiguous():
     # At 75% branch B is drawn around A's blocks; it should still come in blocks, not specks.
     grid, n = (14, 14), 196
     for branch in (0, 1):
         blocks = [as_mask(split_patches(grid, 0.75, np.random.default_rng(s))[branch], n)
                   for s in range(40)]
-        randoms = [as_mask(split_patches(grid, 0.75, np.random.default_rng(s), kind="random")[branch], n)
+        randoms = [as_mask(split_patches(grid, 0.75, np.random.default_rng(s), "random")[branch], n)
                    for s in range(40)]
         assert mean_component_size(blocks, grid) > 3 * mean_component_size(randoms, grid)
 
