@@ -1,12 +1,11 @@
-"""Visual-word tokenizers: the target of masked image modeling, with no training on external data.
+"""Visual-word tokenizers: the targets of masked image modeling, with no training on external data.
 
-BEiT predicts the ids of DALL-E's tokenizer, itself trained on 250M outside images. The paper
-(Table 2) shows that three vocabularies needing no such training do as well on iNat-19 (DALL-E
-75.2; random projection 75.2, random patches 75.3, k-means 75.0) and make pre-training 26% faster.
-A vocabulary is V unit vectors e_i in patch-pixel space and the token of a patch x is Eq. 1:
-argmax_i <x, e_i>. Tokenizer patches are taken at half resolution, so a 16x16 encoder patch gives
-an 8x8x3 = 192-dim x. The pixels are the encoder's mean/std-normalised ones, roughly zero-centred,
-so a token says which pattern (direction) a patch has, not how bright it is.
+BEiT predicts the ids of DALL-E's tokenizer, trained on a large outside dataset. The paper (Table 2)
+shows that vocabularies needing no such training do as well on iNat-19 (DALL-E 75.2; random
+projection 75.2, random patches 75.3, k-means 75.0) and make pre-training 26% faster. A vocabulary
+is V unit vectors e_i in patch-pixel space; the token of a patch x is argmax_i <x, e_i> (Eq. 1).
+Tokenizer patches are cut at half resolution: a 16x16 encoder patch gives an 8x8x3 = 192-dim x of
+mean/std-normalised (roughly zero-centred) pixels, so a token names the patch's pattern (direction).
 """
 import math
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 VOCAB_KINDS = ("random_projection", "random_patches", "kmeans")
-EPS = 1e-8  # a patch with a norm below this is flat: it has no direction, so it never joins a vocab
+EPS = 1e-8  # a patch with a smaller norm is flat: it has no direction, so it never joins a vocab
 
 
 def _unit_rows(x):
@@ -27,15 +26,18 @@ def _nonzero_unit_rows(patches):
     return _unit_rows(patches[patches.norm(dim=1) > EPS])
 
 
-def tokenizer_patches(images, patch_size):
-    """Images [B, C, H, W] -> tokenizer patches [B, n, C*p*p], p = patch_size // 2, in float32.
-
-    2x2 average pooling halves the resolution, then the p x p patches are cut in row-major grid
-    order, the encoder's order: one tokenizer patch per encoder patch. A patch is flattened in
-    (channel, row, col) order.
-    """
+def _check_even(patch_size):
     if patch_size % 2 != 0:
-        raise ValueError(f"patch_size must be even (tokenizer patches are half size), got {patch_size}")
+        raise ValueError(f"patch_size must be even (tokenizer patches are half size): {patch_size}")
+
+
+def tokenizer_patches(images, patch_size):
+    """Images [B, C, H, W] -> tokenizer patches [B, n, C*p*p] in float32, p = patch_size // 2.
+
+    2x2 average pooling halves the resolution; p x p patches are then cut in row-major grid order
+    (the encoder's order, one per encoder patch) and flattened in (channel, row, col) order.
+    """
+    _check_even(patch_size)
     B, C, H, W = images.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"image size {H}x{W} is not divisible by patch_size {patch_size}")
@@ -62,26 +64,27 @@ def random_patches_vocab(patches, vocab_size, seed):
 
 
 def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
-    """Spherical k-means on patches [N, dim]: V unit centroids, on the patches' device.
+    """Spherical k-means on patches [N, dim] -> V unit centroids, on the patches' device.
 
-    Cosine is the similarity of Eq. 1, so this is Lloyd's algorithm on the unit sphere: assign each
-    patch to its most similar centroid, then move each centroid to the normalised sum of its
-    patches, which maximises their summed cosine, so kmeans_objective never goes down. Patches are
-    compared batch_size at a time: memory is batch_size x V, not N x V (1M x 8192 would be 32 GB).
+    Eq. 1 compares by cosine, so this is Lloyd's algorithm on the unit sphere: assign each patch to
+    its most similar centroid, then move each centroid to the normalised sum of its patches (that
+    maximises their summed cosine), so kmeans_objective never goes down. Each pass goes batch_size
+    patches at a time: memory is batch_size x V, not N x V (1M x 8192 floats would be 32 GB).
     """
     units = _nonzero_unit_rows(patches)
-    centroids = random_patches_vocab(patches, vocab_size, seed)  # start from the random-patches vocab
+    centroids = random_patches_vocab(patches, vocab_size, seed)  # init: the random-patches vocab
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(iters), desc="k-means", leave=False)
     for _ in bar:
         sums, total_cos = torch.zeros_like(centroids), 0.0
         for chunk in units.split(batch_size):
-            best = (chunk @ centroids.T).max(dim=1)
-            sums.index_add_(0, best.indices, chunk)
-            total_cos += best.values.sum().item()
-        bar.set_postfix(mean_cos=f"{total_cos / len(units):.4f}")
+            cosines = chunk @ centroids.T  # [batch_size, V]
+            sums.index_add_(0, cosines.argmax(dim=1), chunk)
+            total_cos = total_cos + cosines.amax(dim=1).sum()
+        bar.set_postfix(mean_cos=f"{total_cos.item() / len(units):.4f}")  # before this update
         empty = sums.norm(dim=1) < EPS  # a centroid no patch chose: re-seed it with a random patch
-        sums[empty] = units[torch.randint(len(units), (int(empty.sum()),), generator=g).to(units.device)]
+        reseed = torch.randint(len(units), (int(empty.sum()),), generator=g)
+        sums[empty] = units[reseed.to(units.device)]
         centroids = _unit_rows(sums)
     return centroids
 
@@ -93,33 +96,34 @@ def kmeans_objective(patches, vocab, batch_size=16384):
 
 
 def tokenize(images, vocab, patch_size):
-    """Eq. 1: the token of tokenizer patch x is argmax_i <x, e_i> over the unit rows e_i -> [B, n].
+    """Eq. 1: token ids [B, n], the token of patch x being argmax_i <x, e_i> over unit rows e_i.
 
-    Dividing by |x| would turn the dot product into the cosine but cannot move the argmax, so the
-    whole batch is one matmul and an argmax, on the vocabulary's device, in float32.
+    Dividing by |x| would make the dot product a cosine but cannot move the argmax, so a batch is
+    one matmul and an argmax, in float32 on the vocabulary's device.
     """
     vocab = _unit_rows(vocab.float())
     patches = tokenizer_patches(images.to(vocab.device), patch_size)
     B, n, dim = patches.shape
     if dim != vocab.shape[1]:
-        raise ValueError(f"tokenizer patches have {dim} dims but the vocabulary has {vocab.shape[1]}")
-    rows = max(1, 2**26 // len(vocab))  # chunk so the [rows, V] similarity matrix stays <= 256 MB
+        raise ValueError(f"tokenizer patches have {dim} dims, the vocabulary {vocab.shape[1]}")
+    rows = max(1, 2**26 // len(vocab))  # chunks keep the [rows, V] similarity matrix <= 256 MB
     ids = [(chunk @ vocab.T).argmax(dim=1) for chunk in patches.reshape(B * n, dim).split(rows)]
     return torch.cat(ids).reshape(B, n)
 
 
 def render(token_ids, vocab, grid, patch_size):
-    """Token ids [B, n] -> picture [B, C, H, W]: each token's vocabulary row laid out as its patch.
+    """Token ids [B, n] -> picture [B, C, H, W], each token's vocabulary row drawn as its patch.
 
-    The inverse of tokenizer_patches: rows fill the (h, w) grid at half resolution, then nearest
+    Inverts tokenizer_patches: rows fill the (h, w) grid at half resolution, then nearest
     upsampling doubles it. Vocabulary rows are unit vectors, so this shows each patch's pattern
     (direction), not its brightness scale: rescaling for display is the caller's job.
     """
     (h, w), p = grid, patch_size // 2
     B, n = token_ids.shape
-    if n != h * w or vocab.shape[1] % (p * p):
-        raise ValueError(f"{n} tokens of {vocab.shape[1]} dims do not fill a {h}x{w} grid of {p}x{p} patches")
     C = vocab.shape[1] // (p * p)
+    if n != h * w or vocab.shape[1] != C * p * p:
+        raise ValueError(f"{n} tokens of {vocab.shape[1]} dims do not fill a {h}x{w} grid of "
+                         f"{p}x{p} patches")
     patches = vocab.float()[token_ids.to(vocab.device)].reshape(B, h, w, C, p, p)
     half = patches.permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * p, w * p)
     return half.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
@@ -132,12 +136,12 @@ def _images_of(batch):
 
 
 def sample_patches(loader, patch_size, num_patches, seed):
-    """Exactly num_patches random tokenizer patches [N, dim] from a loader of training images.
+    """Exactly num_patches random tokenizer patches [num_patches, dim] from a loader of images.
 
-    Each image gives ceil(num_patches / len(dataset)) distinct random patches (all of its patches
-    if the size is unknown), so one pass spreads the sample over the whole dataset; a shuffled
-    loader matters when that is less than a pass. The loader is restarted if one pass is not
-    enough. The seed fixes which patches are drawn; the loader's shuffling is its own.
+    Each image gives ceil(num_patches / len(dataset)) distinct random patches (all of them if the
+    size is unknown), so the sample spreads over the whole dataset rather than its first images
+    (only the last few images may go unused). The loader restarts if one pass is not enough. The
+    seed fixes which patches are drawn; the loader's shuffling and augmentation are its own.
     """
     dataset = getattr(loader, "dataset", None)
     per_image = math.ceil(num_patches / len(dataset)) if hasattr(dataset, "__len__") else None
@@ -151,7 +155,8 @@ def sample_patches(loader, patch_size, num_patches, seed):
                 B, n, d = patches.shape
                 k = n if per_image is None else min(per_image, n)
                 pick = torch.rand(B, n, generator=g).argsort(dim=1)[:, :k].to(patches.device)
-                chunks.append(patches.gather(1, pick[..., None].expand(B, k, d)).reshape(B * k, d).cpu())
+                picked = patches.gather(1, pick[..., None].expand(B, k, d))  # [B, k, d]
+                chunks.append(picked.reshape(B * k, d).cpu())
                 bar.update(min(B * k, num_patches - gathered))
                 gathered += B * k
                 if gathered >= num_patches:
@@ -165,13 +170,12 @@ def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_patches=1_0
                 kmeans_iters=20, device=None):
     """A vocabulary [V, 3*(patch_size//2)**2] of unit rows, on the CPU. kind: one of VOCAB_KINDS.
 
-    random_projection needs no data; the other two sample num_patches patches from loader (the paper
-    clustered 3M for k-means). k-means runs on device (default: the GPU if there is one).
+    random_projection needs no data; the others sample num_patches patches from loader (the paper
+    clustered 3M). k-means, the only heavy step, runs on device (default: a GPU if there is one).
     """
     if kind not in VOCAB_KINDS:
         raise ValueError(f"unknown vocabulary kind {kind!r}, expected one of {VOCAB_KINDS}")
-    if patch_size % 2 != 0:
-        raise ValueError(f"patch_size must be even (tokenizer patches are half size), got {patch_size}")
+    _check_even(patch_size)
     if kind == "random_projection":
         return random_projection_vocab(vocab_size, 3 * (patch_size // 2) ** 2, seed)
     if loader is None:

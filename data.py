@@ -1,0 +1,401 @@
+"""Images in, (image tensor, mask, label) out: datasets, augmentations, masks and loaders.
+
+Every dataset yields (PIL RGB image, int label), label -1 when there is none. `SyntheticShapes`
+needs nothing from outside, so the whole pipeline runs on a fresh machine; `build_dataset` reads
+the paper's datasets from the usual folder layouts. `MaskedImages` adds the per-image mask
+(SplitMask's two branches, or BEiT's masked positions) and `make_loader` batches it all.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from torchvision import transforms
+
+from masking import beit_mask, split_patches
+
+# ----------------------------------------------------------------------------- synthetic shapes
+
+
+def _polygon(radii):
+    """Outline with radius radii[i] at angle 2*pi*i/len(radii): regular polygons and stars."""
+    t = 2 * np.pi * np.arange(len(radii)) / len(radii)
+    return np.stack([np.cos(t), np.sin(t)], 1) * np.asarray(radii, dtype=float)[:, None]
+
+
+def _arc(cx, r, start, stop, n=24):
+    """n points on the circle of centre (cx, 0) and radius r, from angle start to stop (degrees)."""
+    t = np.radians(np.linspace(start, stop, n))
+    return np.stack([cx + r * np.cos(t), r * np.sin(t)], 1)
+
+
+_t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+# Each shape is an outline in unit coordinates (it fits in the unit disc), except the ring.
+OUTLINES = {
+    "circle": _polygon(np.ones(48)),
+    "square": _polygon(np.full(4, 1.0)),
+    "triangle": _polygon(np.ones(3)),
+    "star": _polygon([1.0, 0.4] * 5),
+    "cross": 0.95 * np.array([[1, .3], [.3, .3], [.3, 1], [-.3, 1], [-.3, .3], [-1, .3], [-1, -.3],
+                              [-.3, -.3], [-.3, -1], [.3, -1], [.3, -.3], [1, -.3]]),
+    "ring": None,  # drawn as a thick circle outline, so the background shows through the hole
+    # Unit disc minus a disc of radius 0.8 centred at (0.6, 0); the two circles meet at (0.6, ±0.8).
+    "crescent": np.concatenate([_arc(0, 1, 53.13, 306.87), _arc(0.6, 0.8, 270, 90)]),
+    "half-disc": _arc(0, 1, 0, 180),
+    "arrow": np.array([[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3],
+                       [0.1, -0.75]]),
+    "heart": np.stack([np.sin(_t) ** 3, -(13 * np.cos(_t) - 5 * np.cos(2 * _t) - 2 * np.cos(3 * _t)
+                                         - np.cos(4 * _t)) / 16], 1),
+}
+for _kind, _points in OUTLINES.items():  # centre each outline and scale it to fit the unit disc
+    if _points is not None:
+        _points = _points - (_points.min(0) + _points.max(0)) / 2
+        OUTLINES[_kind] = _points / np.linalg.norm(_points, axis=1).max()
+KINDS = list(OUTLINES)
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def _background(rng, size):
+    """A random textured background as a float32 [size, size, 3] array in [0, 255]."""
+    c1, c2 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    kind = rng.integers(3)
+    if kind == 0:  # smooth colour blobs: a few random colours per side, upsampled
+        cells = rng.integers(2, 6)
+        blobs = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8))
+        return np.asarray(blobs.resize((size, size), Image.BILINEAR), dtype=np.float32)
+    x = np.arange(size, dtype=np.float32) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    along = np.cos(angle) * x + np.sin(angle) * x[:, None]  # [size, size]: position along a direction
+    if kind == 1:  # linear gradient between two colours
+        t = (along - along.min()) / (along.max() - along.min())
+    else:  # soft stripes, period between 1/12 and 1/3 of the image
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * along * rng.uniform(3, 12) + rng.uniform(0, 2 * np.pi))
+    return c1 + t[..., None].astype(np.float32) * (c2 - c1)
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Procedural images: a textured background, one large shape and a few small distractors.
+
+    The label is the kind of the largest shape (10 kinds: circle, square, ...). Colours, positions,
+    rotations and backgrounds are random and independent of the label, so mean colour says nothing
+    about it: a model must see outlines, and tell the big shape from the clutter. Image i is drawn
+    from np.random.default_rng((seed, split, i)), so it is the same on every machine and epoch.
+    """
+
+    def __init__(self, num_images=2000, img_size=32, split="train", seed=0, num_classes=10):
+        if not 1 <= num_classes <= len(OUTLINES):
+            raise ValueError(f"num_classes must be in 1..{len(OUTLINES)}, got {num_classes}")
+        if split not in SPLIT_IDS:
+            raise ValueError(f"split must be one of {list(SPLIT_IDS)}, got {split!r}")
+        self.num_images, self.img_size, self.seed = num_images, img_size, seed
+        self.split_id = SPLIT_IDS[split]
+        self.classes = KINDS[:num_classes]
+        # Labels cycle with the index, so every split is exactly class-balanced.
+        self.targets = [i % num_classes for i in range(num_images)]
+
+    def __len__(self):
+        return self.num_images
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng((self.seed, self.split_id, i))
+        big = 2 * self.img_size  # draw at twice the size, then average 2x2 pixels: antialiasing
+        background = _background(rng, self.img_size)
+        back_colour = background.mean((0, 1))
+        # Nearest 2x upsampling: the final 2x2 averaging gives the background back exactly.
+        image = Image.fromarray(background.astype(np.uint8)).resize((big, big), Image.NEAREST)
+        draw = ImageDraw.Draw(image)
+        label = self.targets[i]
+        # Shapes are (kind, radius, centre). The main one has a radius of 28-42% of the image width
+        # and stays mostly inside; 2-4 distractors of any kind (the label's too) have 10-20%, so
+        # "the largest shape" is never ambiguous. About a third of them hide part of the main one.
+        radius = rng.uniform(0.28, 0.42) * big
+        main = (label, radius, rng.uniform(0.8 * radius, big - 0.8 * radius, 2))
+        small = [(rng.integers(len(KINDS)), rng.uniform(0.1, 0.2) * big, rng.uniform(0, big, 2))
+                 for _ in range(rng.integers(2, 5))]
+        front = rng.random(len(small)) < 0.3
+        shapes = [s for s, f in zip(small, front) if not f] + [main] + [s for s, f in zip(small, front) if f]
+        for kind, r, centre in shapes:
+            colour = rng.integers(0, 256, 3)
+            for _ in range(10):  # keep shapes visible: redraw colours too close to the background
+                if np.abs(colour - back_colour).sum() > 150:
+                    break
+                colour = rng.integers(0, 256, 3)
+            self._draw_shape(draw, KINDS[kind], r, centre, rng.uniform(0, 2 * np.pi), tuple(colour.tolist()))
+        return image.reduce(2), label
+
+    @staticmethod
+    def _draw_shape(draw, kind, radius, centre, angle, colour):
+        if kind == "ring":
+            box = [*(centre - radius), *(centre + radius)]
+            draw.ellipse(box, outline=colour, width=max(1, round(0.4 * radius)))
+            return
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        points = OUTLINES[kind] @ rotation.T * radius + centre
+        draw.polygon([tuple(p) for p in points], fill=colour)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+
+def load_rgb(path):
+    """Open any image file as 8-bit RGB: grayscale, palette, alpha, CMYK and 16-bit included."""
+    with Image.open(path) as image:
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit values would clip to white under convert("L"): rescale 0..65535 to 0..255.
+            pixels = np.asarray(image, dtype=np.float64)
+            scale = 257.0 if image.mode != "I" or pixels.max() > 255 else 1.0
+            return Image.fromarray((pixels / scale).round().clip(0, 255).astype(np.uint8)).convert("RGB")
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            # convert("RGB") would keep whatever colour hides under transparent pixels; show them
+            # on white instead, as an image viewer does.
+            image = image.convert("RGBA")
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, image).convert("RGB")
+        return image.convert("RGB")
+
+
+def _image_files(folder):
+    """Every image file under folder, recursively, in a fixed (sorted) order."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A list of (path, label) pairs, read with load_rgb. `classes` names the labels."""
+
+    def __init__(self, samples, classes):
+        self.samples, self.classes = samples, classes
+        self.targets = [label for _, label in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return load_rgb(path), label
+
+
+class Subset(torch.utils.data.Subset):
+    """torch's Subset, keeping the `classes` and `targets` of what it picks from."""
+
+    def __init__(self, dataset, indices):
+        super().__init__(dataset, indices)
+        self.classes = dataset.classes
+        self.targets = [dataset.targets[i] for i in indices]
+
+
+# Folder names accepted for each split; the first one that exists is used.
+SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
+LABELLED_FOLDERS = ("imagefolder", "imagenette", "imagenet", "inat2018", "inat2019", "food101", "cars",
+                    "clipart", "painting", "sketch")
+DATASETS = ("synthetic", *LABELLED_FOLDERS, "cifar10", "cifar100", "folder", "coco", "ade20k")
+IMAGE_FOLDER = "the ImageFolder layout <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg"
+# What each dataset's root must hold, and where to get it, for the error messages.
+LAYOUTS = {
+    "imagefolder": IMAGE_FOLDER + " (val/ may be named validation/ or test/).",
+    "imagenette": IMAGE_FOLDER + ". Download imagenette2.tgz from https://github.com/fastai/imagenette: "
+                  "it unpacks to exactly that.",
+    "imagenet": IMAGE_FOLDER + ". Download ILSVRC-2012 from https://image-net.org: train/ comes in class "
+                "folders; sort val/ into class folders with the devkit's labels.",
+    "food101": IMAGE_FOLDER + ". Download https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ and move "
+               "the files listed in meta/train.txt and meta/test.txt from images/<class>/ to train/ and val/.",
+    "cars": IMAGE_FOLDER + ". Download Stanford Cars (https://ai.stanford.edu/~jkrause/cars/car_dataset.html "
+            "or a mirror) and sort cars_train/ and cars_test/ into class folders with the devkit's labels.",
+    "cifar10": "<root>/cifar-10-batches-py/ (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)"
+               ", or " + IMAGE_FOLDER + ".",
+    "cifar100": "<root>/cifar-100-python/ (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)"
+                ", or " + IMAGE_FOLDER + ".",
+    "folder": "image files anywhere under <root> (or under <root>/train/ and <root>/val/ if they exist).",
+    "coco": "<root>/train2017/*.jpg and <root>/val2017/*.jpg: train2017.zip and val2017.zip from "
+            "https://cocodataset.org/#download unpack to exactly that.",
+    "ade20k": "<root>/images/training/*.jpg and <root>/images/validation/*.jpg: ADEChallengeData2016.zip from "
+              "http://sceneparsing.csail.mit.edu unpacks to exactly that.",
+}
+for _year in ("2018", "2019"):
+    LAYOUTS["inat" + _year] = (IMAGE_FOLDER + f". Download iNaturalist {_year} from https://github.com/visipedia/"
+                               f"inat_comp and link each image listed in train{_year}.json / val{_year}.json into "
+                               "train/<category_id>/ or val/<category_id>/.")
+for _domain in ("clipart", "painting", "sketch"):
+    LAYOUTS[_domain] = (IMAGE_FOLDER + f". Download DomainNet's {_domain}.zip from http://ai.bu.edu/M3SDA/ and move "
+                        f"the files listed in {_domain}_train.txt / {_domain}_test.txt from {_domain}/<class>/ "
+                        "to train/ and val/.")
+
+
+def _split_dir(root, split):
+    for name in SPLIT_DIRS[split]:
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def _missing(name, problem):
+    return FileNotFoundError(f"{name}: {problem}. Expected {LAYOUTS[name]}")
+
+
+def image_folder(root, split, name="imagefolder"):
+    """The ImageFolder layout <root>/<split>/<class>/<image>, class names sorted into labels."""
+    folder = _split_dir(root, split)
+    if folder is None:
+        raise _missing(name, f"no {' or '.join(SPLIT_DIRS[split])} folder in {root}")
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    if not classes:
+        raise _missing(name, f"no class folders in {folder}")
+    samples = [(path, label) for label, c in enumerate(classes) for path in _image_files(os.path.join(folder, c))]
+    if not samples:
+        raise _missing(name, f"no image files in the class folders of {folder}")
+    return ImageFiles(samples, classes)
+
+
+def image_files(folder, name="folder"):
+    """Every image found under folder, unlabelled (label -1): COCO, ADE20k, any photo collection."""
+    files = _image_files(folder) if os.path.isdir(folder) else []
+    if not files:
+        raise _missing(name, f"no image files under {folder}")
+    return ImageFiles([(f, -1) for f in files], classes=[])
+
+
+def pick_fraction(dataset, fraction, seed):
+    """The same fraction of every class (chosen by seed); a random fraction of unlabelled sets."""
+    if fraction == 1.0:
+        return dataset
+    targets = np.asarray(dataset.targets)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(targets):  # unlabelled sets are the single "class" -1
+        members = rng.permutation(np.flatnonzero(targets == c))
+        picked += members[:max(1, round(fraction * len(members)))].tolist()
+    return Subset(dataset, sorted(picked))
+
+
+def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_images=None):
+    """A dataset of (PIL RGB image, int label) by name; `fraction` < 1 keeps a class-balanced part."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if split not in SPLIT_DIRS:
+        raise ValueError(f"split must be one of {list(SPLIT_DIRS)}, got {split!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if name == "synthetic":  # root is ignored: the images are drawn on the fly
+        num_images = num_images or (2000 if split == "train" else 500)
+        dataset = SyntheticShapes(num_images, img_size, split, seed)
+    elif not root or not os.path.isdir(root):
+        raise _missing(name, f"the dataset root {root!r} is not a folder")
+    elif name in LABELLED_FOLDERS:
+        dataset = image_folder(root, split, name)
+    elif name in ("cifar10", "cifar100"):
+        pickles = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        if os.path.isdir(os.path.join(root, pickles)):
+            from torchvision.datasets import CIFAR10, CIFAR100
+            dataset = (CIFAR10 if name == "cifar10" else CIFAR100)(root, train=split == "train", download=False)
+        else:  # e.g. CIFAR as image files in class folders
+            dataset = image_folder(root, split, name)
+    elif name == "folder":
+        dataset = image_files(_split_dir(root, split) or root, name)
+    elif name == "coco":
+        dataset = image_files(os.path.join(root, "train2017" if split == "train" else "val2017"), name)
+    else:  # ade20k
+        dataset = image_files(os.path.join(root, "images", "training" if split == "train" else "validation"), name)
+    return pick_fraction(dataset, fraction, seed)
+
+
+# ----------------------------------------------------------------------------- augmentations
+
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, the usual normalisation for ViTs
+STD = (0.229, 0.224, 0.225)
+
+
+def pretrain_transform(img_size, crop_min_scale=0.08, strong=False):
+    """Random resized crop and flip; strong=True adds the small-dataset colour and blur set.
+
+    crop_min_scale is the smallest crop, as a fraction of the image area. The paper says ADE20k
+    crops "at most 25%" of the image; we read that as crops covering at least 25% of the image
+    (crop_min_scale=0.25), since scene images lose their layout in tiny crops.
+    """
+    steps = [transforms.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0),
+                                          interpolation=transforms.InterpolationMode.BICUBIC),
+             transforms.RandomHorizontalFlip()]
+    if strong:  # probabilities as in BYOL / DINO; blur sized relative to the image (23 px at 224)
+        kernel = 2 * round(0.05 * img_size) + 1
+        steps += [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                  transforms.RandomGrayscale(p=0.2),
+                  transforms.RandomApply([transforms.GaussianBlur(kernel, (0.1, 2.0 * img_size / 224))], p=0.5),
+                  transforms.RandomSolarize(threshold=128, p=0.2)]
+    steps += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    return transforms.Compose(steps)
+
+
+def eval_transform(img_size, crop_ratio=0.875):
+    """Resize the short side to img_size / crop_ratio (256 for 224), then take the centre crop."""
+    return transforms.Compose([
+        transforms.Resize(int(img_size / crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+def denormalize(images):
+    """Undo Normalize(MEAN, STD) on [3, H, W] or [B, 3, H, W] images, clamped to [0, 1] for display."""
+    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- masks and loaders
+
+
+class MaskedImages(torch.utils.data.Dataset):
+    """(image tensor, mask, label): the mask is SplitMask's [2, k] visible patch indices of branches
+    A and B, or BEiT's [m] masked patch indices. Counts are exact, so default collation stacks them.
+
+    The crop, flip and mask of sample i in epoch e come from a seed made of (seed, e, i) alone, so
+    they do not depend on worker count, process count or where a resumed run restarted."""
+
+    def __init__(self, dataset, transform, grid, method="splitmask", mask_ratio=0.5, mask_kind="block",
+                 min_block=16, seed=0):
+        if method not in ("splitmask", "beit"):
+            raise ValueError(f"method must be 'splitmask' or 'beit', got {method!r}")
+        self.dataset, self.transform, self.method, self.seed = dataset, transform, method, seed
+        self.grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        self.mask_ratio, self.mask_kind, self.min_block = mask_ratio, mask_kind, min_block
+        self.epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent workers too
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        sample_seed = np.random.SeedSequence((self.seed, int(self.epoch), i)).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+            torch.manual_seed(int(sample_seed))
+            image = self.transform(image)
+        rng = np.random.default_rng(sample_seed)
+        if self.method == "splitmask":
+            mask = split_patches(self.grid, self.mask_ratio, rng, self.mask_kind, self.min_block)
+        else:
+            mask = np.flatnonzero(beit_mask(self.grid, self.mask_ratio, rng, self.mask_kind, self.min_block))
+        return image, torch.from_numpy(mask).long(), label
+
+
+def make_loader(dataset, batch_size, train=True, workers=4, seed=0, drop_last=None):
+    """A DataLoader whose order is a function of (seed, epoch): call set_epoch(loader, epoch) before
+    every epoch. Sharded across processes under torch.distributed (for evaluation with
+    drop_last=False, DistributedSampler repeats a few samples so every process gets as many)."""
+    drop_last = train if drop_last is None else drop_last
+    distributed = dist.is_available() and dist.is_initialized()
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=dist.get_world_size() if distributed else 1, rank=dist.get_rank() if distributed else 0,
+        shuffle=train, seed=seed, drop_last=drop_last)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last, persistent_workers=workers > 0)
+
+
+def set_epoch(loader, epoch):
+    """Reshuffle for this epoch and give the dataset's augmentations and masks their epoch."""
+    loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "epoch"):
+        loader.dataset.epoch.fill_(epoch)
