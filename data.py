@@ -330,6 +330,16 @@ def pretrain_transform(img_size, crop_min_scale=0.08, strong=False):
     return transforms.Compose(steps)
 
 
+def finetune_transform(img_size, randaug_magnitude=9, color_jitter=0.4, erase_prob=0.25):
+    """DeiT/BEiT fine-tuning augmentation: crop, flip, colour jitter, RandAugment (2 ops), random
+    erasing after normalisation. (torchvision's RandAugment has no magnitude noise, the paper's std 0.5.)"""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ColorJitter(color_jitter, color_jitter, color_jitter),
+        transforms.RandAugment(2, randaug_magnitude), transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        transforms.RandomErasing(erase_prob)])
+
+
 def eval_transform(img_size, crop_ratio=0.875):
     """Resize the short side to img_size / crop_ratio (256 for 224), then take the centre crop."""
     return transforms.Compose([
@@ -347,32 +357,44 @@ def denormalize(images):
 # ----------------------------------------------------------------------------- masks and loaders
 
 
-class MaskedImages(torch.utils.data.Dataset):
-    """(image tensor, mask, label): the mask is SplitMask's [2, k] visible patch indices of branches
-    A and B, or BEiT's [m] masked patch indices. Counts are exact, so default collation stacks them.
+class Augmented(torch.utils.data.Dataset):
+    """(image tensor, label): the transform of sample i in epoch e runs under a seed made of
+    (seed, e, i) alone, so it does not depend on worker count, process count or where a resumed
+    run restarted. set_epoch(loader, e) reaches the copies in persistent workers (shared memory)."""
 
-    The crop, flip and mask of sample i in epoch e come from a seed made of (seed, e, i) alone, so
-    they do not depend on worker count, process count or where a resumed run restarted."""
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.classes = getattr(dataset, "classes", [])
+        self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def sample_seed(self, i):
+        return int(np.random.SeedSequence((self.seed, int(self.epoch), i)).generate_state(1)[0])
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+            torch.manual_seed(self.sample_seed(i))
+            return self.transform(image), label
+
+
+class MaskedImages(Augmented):
+    """(image tensor, mask, label): the mask is SplitMask's [2, k] visible patch indices of branches
+    A and B, or BEiT's [m] masked patch indices. Counts are exact, so default collation stacks them."""
 
     def __init__(self, dataset, transform, grid, method="splitmask", mask_ratio=0.5, mask_kind="block",
                  min_block=16, seed=0):
         if method not in ("splitmask", "beit"):
             raise ValueError(f"method must be 'splitmask' or 'beit', got {method!r}")
-        self.dataset, self.transform, self.method, self.seed = dataset, transform, method, seed
-        self.grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        super().__init__(dataset, transform, seed)
+        self.method, self.grid = method, (grid, grid) if isinstance(grid, int) else tuple(grid)
         self.mask_ratio, self.mask_kind, self.min_block = mask_ratio, mask_kind, min_block
-        self.epoch = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent workers too
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, i):
-        image, label = self.dataset[i]
-        sample_seed = np.random.SeedSequence((self.seed, int(self.epoch), i)).generate_state(1)[0]
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-            torch.manual_seed(int(sample_seed))
-            image = self.transform(image)
-        rng = np.random.default_rng(sample_seed)
+        image, label = super().__getitem__(i)
+        rng = np.random.default_rng(self.sample_seed(i))
         if self.method == "splitmask":
             mask = split_patches(self.grid, self.mask_ratio, rng, self.mask_kind, self.min_block)
         else:

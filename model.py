@@ -225,15 +225,60 @@ class BEiT(nn.Module):
         return 3 * fwd
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms, layer-scale gains, position embedding, tokens."""
-    decay, no_decay = [], []
+class Classifier(nn.Module):
+    """Fine-tuning head: mean-pool the encoder's tokens, normalise, one linear layer with a small init."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
+        self.head = nn.Linear(encoder.dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # start near uniform predictions
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        return self.head(self.fc_norm(self.encoder(images).mean(1)))
+
+
+def load_encoder(encoder, state_dict):
+    """Load the encoder part of a pre-training or fine-tuning state dict into `encoder` (decoder and
+    heads are dropped); position embeddings are resized when the patch grid differs."""
+    prefix = "encoder."
+    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    pos = weights.get("pos_embed")
+    if pos is not None and pos.shape[1] != encoder.num_patches and pos.shape[2] == encoder.dim:
+        side = math.isqrt(pos.shape[1])  # checkpoints come from square images
+        grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=encoder.grid, mode="bicubic", align_corners=False)
+        weights["pos_embed"] = grid.permute(0, 2, 3, 1).reshape(1, encoder.num_patches, -1)
+    try:
+        encoder.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint does not fit ViT-{encoder.dim}d/{encoder.patch_size}: {str(e)[:300]}") from None
+
+
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """AdamW groups: no weight decay on biases, norms, layer-scale gains, position embedding, tokens.
+    layer_decay < 1 (fine-tuning, BEiT Sec. 2.6): the lr of a parameter at depth i is scaled by
+    layer_decay ** (L + 1 - i), with depth 0 for the embeddings, i + 1 for block i, L + 1 for the rest."""
+    depth = model.encoder.depth
+    groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "pos_embed" in name or "mask" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim < 2 or "pos_embed" in name or "mask" in name
+        if name.startswith("encoder.patch_embed") or name == "encoder.pos_embed":
+            layer = 0
+        elif name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        else:
+            layer = depth + 1
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - layer)}
+        groups[key]["params"].append(p)
+    return list(groups.values())
 
 
 # -----------------------------------------------------------------------------

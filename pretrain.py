@@ -56,7 +56,7 @@ config = dict(
     epochs=None,
     batch_size=None,  # GLOBAL batch: split over processes and accumulation steps
     accum_steps=1,  # note: each micro-batch has its own InfoNCE negatives
-    blr=1.5e-3,  # learning rate at batch 2048, scaled linearly with the batch
+    blr=None,  # learning rate at batch 2048, scaled linearly with the batch (BEiT: 1.5e-3)
     min_lr=1e-5,
     warmup_epochs=None,
     weight_decay=0.05,
@@ -76,13 +76,13 @@ config = dict(
 )
 
 # METHOD.md's recipe per dataset: same number of updates as 300 ImageNet epochs, capped at 5000.
-REAL = dict(model="small", img_size=224, patch_size=16, vocab_size=8192, tokenizer_samples=1_000_000,
+REAL = dict(model="small", blr=1.5e-3, img_size=224, patch_size=16, vocab_size=8192, tokenizer_samples=1_000_000,
             batch_size=2048, warmup_epochs=10, mask_kind="block", min_block=16, crop_min_scale=0.08,
             strong_aug=False, workers=8)
 SMALL = dict(REAL, mask_kind="random", mask_ratio=0.75, strong_aug=True, epochs=5000)  # against overfitting
 PRESETS = {
     "synthetic": dict(model="tiny", img_size=32, patch_size=4, vocab_size=256, tokenizer_samples=50_000,
-                      batch_size=64, epochs=5, warmup_epochs=1, mask_kind="block", min_block=4,
+                      batch_size=64, epochs=5, warmup_epochs=1, blr=1.5e-2, mask_kind="block", min_block=4,
                       crop_min_scale=0.5, strong_aug=False, workers=2, picture_every=2),
     "imagenet": dict(REAL, model="base", epochs=300),
     "coco": dict(REAL, model="base", epochs=3000),
@@ -234,7 +234,9 @@ def save_picture(path, model, images, masks, vocab, patch_size):
         visible = all_idx[~torch.zeros(B, n, dtype=torch.bool, device=images.device).scatter_(1, masks, True)].view(B, -1)
         kept, m = patches_only(visible)
         rows += [kept, kept + painted * (1 - m)]
-    save_image(torch.cat([data.denormalize(r.float().cpu()) for r in rows]), path, nrow=B, padding=1)
+    picture = torch.cat([data.denormalize(r.float().cpu()) for r in rows])
+    zoom = max(1, 128 // images.shape[-1])  # small images are enlarged so the patches can be seen
+    save_image(picture.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3), path, nrow=B, padding=2)
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +337,7 @@ def main():
         for _ in range(steps_per_epoch):
             lr = lr_at(step, total_steps, cfg["warmup_epochs"] * steps_per_epoch, peak_lr, cfg["min_lr"])
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             for micro in range(cfg["accum_steps"]):
                 imgs, masks, _ = next(batches)
                 imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)

@@ -1,0 +1,168 @@
+"""
+Evaluate a frozen encoder: a linear probe on every layer at once, and k-NN, on cached features.
+
+    python probe.py --init=out/pretrain/ckpt.pt       # a pre-training or fine-tuning checkpoint
+    python probe.py                                   # random init: the baseline every result needs
+
+One forward pass over the data (no augmentation) collects the mean-pooled tokens of every block;
+they are cached in out_dir, then a BatchNorm (no affine) + linear classifier is trained per layer
+(as in MAE) and a cosine k-NN (k=20, temperature-weighted votes) is run per layer. The paper's
+Figure 5: SplitMask's late layers stay good for probing where BEiT's drop.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+from model import ViT, load_encoder
+from pretrain import load_checkpoint, parse_config
+
+config = dict(
+    out_dir="out/probe",
+    init="",  # checkpoint to evaluate; "" = random init
+    dataset="synthetic",
+    data_root="",
+    fraction=1.0,
+    num_images=2000,  # synthetic only
+    model="tiny",  # must match the checkpoint
+    img_size=32,
+    patch_size=4,
+    crop_ratio=0.875,
+    batch_size=256,  # feature extraction and probe training
+    probe_epochs=100,
+    probe_lr=1e-3,
+    knn_k=20,
+    knn_temperature=0.07,
+    device="auto",
+    workers=2,
+    seed=0,
+)
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, batch_size, workers, device):
+    """[N, L, D] mean-pooled tokens of every block (after the final norm) and [N] labels."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
+    features, labels = [], []
+    for images, y in tqdm(loader, desc="features", leave=False):
+        layers = encoder(images.to(device), all_layers=True)
+        features.append(torch.stack([h.mean(1) for h in layers], 1).float().cpu())
+        labels.append(y)
+    return torch.cat(features), torch.cat(labels)
+
+
+def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, seed):
+    """One BatchNorm (no affine) + linear classifier per layer, trained together: [L, D, C] weights."""
+    N, L, D = train_x.shape
+    g = torch.Generator().manual_seed(seed)
+    norm = torch.nn.BatchNorm1d(L * D, affine=False)  # per layer and channel, like MAE's probe
+    weight = torch.nn.Parameter(torch.zeros(L, D, num_classes))
+    bias = torch.nn.Parameter(torch.zeros(L, num_classes))
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * ((N + batch_size - 1) // batch_size))
+
+    def logits(x):  # [B, L, D] -> [B, L, C]
+        return torch.einsum("bld,ldc->blc", norm(x.flatten(1)).view(-1, L, D), weight) + bias
+
+    for _ in tqdm(range(epochs), desc="linear probes", leave=False):
+        norm.train()
+        for idx in torch.randperm(N, generator=g).split(batch_size):
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            out = logits(train_x[idx])
+            loss = F.cross_entropy(out.flatten(0, 1), train_y[idx].repeat_interleave(L))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    norm.eval()
+    return lambda x: logits(x).detach()
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07):
+    """Cosine k-NN with votes weighted by exp(similarity / t) (Wu et al. 2018, as in DINO). Returns %."""
+    train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
+    correct = 0
+    for start in range(0, len(test_x), 1024):
+        sim, idx = (test_x[start : start + 1024] @ train_x.T).topk(min(k, len(train_x)), dim=1)
+        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start : start + 1024]).sum().item()
+    return 100.0 * correct / len(test_x)
+
+
+def plot(path, curves, title):
+    """A minimal line plot (accuracy vs layer) drawn with PIL, so no plotting library is needed."""
+    W, H, pad = 640, 400, 50
+    image = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(image)
+    L = len(next(iter(curves.values())))
+    to_xy = lambda i, acc: (pad + i * (W - 2 * pad) / max(1, L - 1), H - pad - acc / 100 * (H - 2 * pad))
+    for acc in range(0, 101, 20):
+        draw.line([to_xy(0, acc), to_xy(L - 1, acc)], fill=(225, 225, 225))
+        draw.text((8, to_xy(0, acc)[1] - 6), f"{acc}%", fill="black")
+    for i in range(L):
+        draw.text((to_xy(i, 0)[0] - 4, H - pad + 8), str(i + 1), fill="black")
+    for (name, values), colour in zip(curves.items(), [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]):
+        draw.line([to_xy(i, v) for i, v in enumerate(values)], fill=colour, width=3)
+        draw.text((W - pad - 150, pad + 16 * list(curves).index(name)), name, fill=colour)
+    draw.text((pad, 15), title + " (x: block, y: top-1)", fill="black")
+    image.save(path)
+
+
+def main():
+    cfg = parse_config(config, None, sys.argv[1:])
+    device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg["device"] == "auto" else cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"])  # random init unless --init
+    if cfg["init"]:
+        try:
+            load_encoder(encoder, load_checkpoint(cfg["init"], "cpu")["model"])
+        except ValueError as e:
+            sys.exit(f"error: --init={cfg['init']}: {e}. Pass the checkpoint's --model, --patch_size and --img_size.")
+    encoder.to(device).eval()
+
+    # features, cached: the probes below cost little more than this one pass
+    cache = os.path.join(cfg["out_dir"], "features.pt")
+    key = {k: cfg[k] for k in ("init", "dataset", "data_root", "fraction", "num_images", "model", "img_size", "patch_size", "seed")}
+    key["init_mtime"] = os.path.getmtime(cfg["init"]) if cfg["init"] else 0
+    if os.path.exists(cache) and torch.load(cache, weights_only=True)["key"] == key:
+        feats = torch.load(cache, weights_only=True)
+    else:
+        feats = {"key": key}
+        transform = data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
+        for split in ("train", "val"):
+            images = data.build_dataset(cfg["dataset"], cfg["data_root"], split, cfg["img_size"], cfg["fraction"],
+                                        cfg["seed"], cfg["num_images"] if split == "train" else None)
+            feats[split] = extract_features(encoder, data.Augmented(images, transform), cfg["batch_size"], cfg["workers"], device)
+            feats["classes"] = len(images.classes)
+        torch.save(feats, cache)
+    (train_x, train_y), (val_x, val_y), C = feats["train"], feats["val"], feats["classes"]
+    if C < 2:
+        sys.exit(f"error: --dataset={cfg['dataset']} has no class labels; probing needs a labelled dataset")
+
+    # probes per layer
+    probe = train_linear_probes(train_x, train_y, C, cfg["probe_epochs"], cfg["probe_lr"], cfg["batch_size"], cfg["seed"])
+    linear = ((probe(val_x).argmax(-1) == val_y[:, None]).float().mean(0) * 100).tolist()
+    knn = [knn_accuracy(train_x[:, i], train_y, val_x[:, i], val_y, C, cfg["knn_k"], cfg["knn_temperature"])
+           for i in range(train_x.shape[1])]
+    print(f"{cfg['init'] or 'random init'} on {cfg['dataset']} ({len(train_y)} train / {len(val_y)} val images)")
+    print("block  linear   k-NN")
+    for i, (lin, nn_) in enumerate(zip(linear, knn)):
+        print(f"{i + 1:5d}  {lin:6.2f}  {nn_:6.2f}")
+    best = max(range(len(linear)), key=linear.__getitem__)
+    print(f"best linear probe: block {best + 1}, {linear[best]:.2f}%; k-NN at the last block: {knn[-1]:.2f}%")
+    results = dict(config=cfg, linear=linear, knn=knn, best_linear=linear[best], best_layer=best + 1, knn_last=knn[-1])
+    with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(os.path.join(cfg["out_dir"], "probe.png"), {"linear probe": linear, "k-NN": knn}, cfg["init"] or "random init")
+
+
+if __name__ == "__main__":
+    main()
