@@ -5,7 +5,9 @@ needs nothing from outside, so the whole pipeline runs on a fresh machine; `buil
 the paper's datasets from the usual folder layouts. `MaskedImages` adds the per-image mask
 (SplitMask's two branches, or BEiT's masked positions) and `make_loader` batches it all.
 """
+import colorsys
 import os
+import sys
 
 import numpy as np
 import torch
@@ -56,18 +58,23 @@ KINDS = list(OUTLINES)
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
-def _background(rng, size):
-    """A random textured background as a float32 [size, size, 3] array in [0, 255]."""
-    c1, c2 = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+def _scheme_colour(rng, hue):
+    """An RGB colour of the given hue (0-1) with random saturation and brightness, as float32 [3]."""
+    return np.array(colorsys.hsv_to_rgb(hue % 1, rng.uniform(0.5, 1), rng.uniform(0.5, 1)), np.float32) * 255
+
+
+def _background(rng, size, c1, c2):
+    """A textured background between colours c1 and c2: a float32 [size, size, 3] array in [0, 255]."""
     kind = rng.integers(3)
-    if kind == 0:  # smooth colour blobs: a few random colours per side, upsampled
+    if kind == 0:  # smooth blobs: a few random mixes of the two colours per side, upsampled
         cells = rng.integers(2, 6)
-        blobs = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8))
+        t = rng.uniform(0, 1, (cells, cells, 1))
+        blobs = Image.fromarray((c1 + t * (c2 - c1)).astype(np.uint8))
         return np.asarray(blobs.resize((size, size), Image.BILINEAR), dtype=np.float32)
     x = np.arange(size, dtype=np.float32) / size
     angle = rng.uniform(0, 2 * np.pi)
     along = np.cos(angle) * x + np.sin(angle) * x[:, None]  # [size, size]: position along a direction
-    if kind == 1:  # linear gradient between two colours
+    if kind == 1:  # linear gradient between the two colours
         t = (along - along.min()) / (along.max() - along.min())
     else:  # soft stripes, period between 1/12 and 1/3 of the image
         t = 0.5 + 0.5 * np.sin(2 * np.pi * along * rng.uniform(3, 12) + rng.uniform(0, 2 * np.pi))
@@ -75,12 +82,15 @@ def _background(rng, size):
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """Procedural images: a textured background, one large shape and a few small distractors.
+    """Procedural scenes: a textured background, 3-6 shapes of one kind and a small distractor.
 
-    The label is the kind of the largest shape (10 kinds: circle, square, ...). Colours, positions,
-    rotations and backgrounds are random and independent of the label, so mean colour says nothing
-    about it: a model must see outlines, and tell the big shape from the clutter. Image i is drawn
-    from np.random.default_rng((seed, split, i)), so it is the same on every machine and epoch.
+    Class c is a kind of shape (circle, square, ...) in a colour scheme of two complementary hues,
+    c/20 and c/20 + 1/2 of the colour wheel; saturation, brightness, sizes, positions, rotations and
+    textures are random. Complementary colours average to grey, so the mean colour of an image
+    says little about its class (a random-init ViT probes near chance): a model must learn which
+    colours and outlines occur together. Both halves of a scene show its class, as SplitMask's
+    matching needs. Image i is drawn from np.random.default_rng((seed, split, i)): the same on
+    every machine and in every epoch.
     """
 
     def __init__(self, num_images=2000, img_size=32, split="train", seed=0, num_classes=10):
@@ -99,29 +109,22 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         rng = np.random.default_rng((self.seed, self.split_id, i))
+        label = self.targets[i]
+        hues = (label / 20, label / 20 + 0.5)
         big = 2 * self.img_size  # draw at twice the size, then average 2x2 pixels: antialiasing
-        background = _background(rng, self.img_size)
-        back_colour = background.mean((0, 1))
+        ends = [_scheme_colour(rng, h) for h in rng.permutation(hues)]
+        background = _background(rng, self.img_size, *ends)
         # Nearest 2x upsampling: the final 2x2 averaging gives the background back exactly.
         image = Image.fromarray(background.astype(np.uint8)).resize((big, big), Image.NEAREST)
         draw = ImageDraw.Draw(image)
-        label = self.targets[i]
-        # Shapes are (kind, radius, centre). The main one has a radius of 28-42% of the image width
-        # and stays mostly inside; 2-4 distractors of any kind (the label's too) have 10-20%, so
-        # "the largest shape" is never ambiguous. About a third of them hide part of the main one.
-        radius = rng.uniform(0.28, 0.42) * big
-        main = (label, radius, rng.uniform(0.8 * radius, big - 0.8 * radius, 2))
-        small = [(rng.integers(len(KINDS)), rng.uniform(0.1, 0.2) * big, rng.uniform(0, big, 2))
-                 for _ in range(rng.integers(2, 5))]
-        front = rng.random(len(small)) < 0.3
-        shapes = [s for s, f in zip(small, front) if not f] + [main] + [s for s, f in zip(small, front) if f]
-        for kind, r, centre in shapes:
-            colour = rng.integers(0, 256, 3)
-            for _ in range(10):  # keep shapes visible: redraw colours too close to the background
-                if np.abs(colour - back_colour).sum() > 150:
-                    break
-                colour = rng.integers(0, 256, 3)
-            self._draw_shape(draw, KINDS[kind], r, centre, rng.uniform(0, 2 * np.pi), tuple(colour.tolist()))
+        # Shapes are (kind, radius, centre, colour): 3-6 of the label's kind with radii of 14-26%
+        # of the width, and one distractor of any kind and colour at 8-12%, in a random order.
+        shapes = [(label, rng.uniform(0.14, 0.26) * big, rng.uniform(0, big, 2), _scheme_colour(rng, rng.choice(hues)))
+                  for _ in range(rng.integers(3, 7))]
+        distractor = (rng.integers(len(KINDS)), rng.uniform(0.08, 0.12) * big, rng.uniform(0, big, 2), rng.uniform(0, 255, 3))
+        shapes.insert(rng.integers(len(shapes) + 1), distractor)
+        for kind, r, centre, colour in shapes:
+            self._draw_shape(draw, KINDS[kind], r, centre, rng.uniform(0, 2 * np.pi), tuple(colour.astype(int).tolist()))
         return image.reduce(2), label
 
     @staticmethod
@@ -178,7 +181,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return load_rgb(path), label
+        try:
+            return load_rgb(path), label
+        except (OSError, ValueError, SyntaxError) as e:  # name the file in the message
+            raise OSError(f"{path}: {e}") from e
 
 
 class Subset(torch.utils.data.Subset):
@@ -366,6 +372,8 @@ class Augmented(torch.utils.data.Dataset):
         self.dataset, self.transform, self.seed = dataset, transform, seed
         self.classes = getattr(dataset, "classes", [])
         self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self.unreadable = torch.zeros((), dtype=torch.long).share_memory_()  # this epoch, all workers
+        self.warned = set()
 
     def __len__(self):
         return len(self.dataset)
@@ -373,8 +381,20 @@ class Augmented(torch.utils.data.Dataset):
     def sample_seed(self, i):
         return int(np.random.SeedSequence((self.seed, int(self.epoch), i)).generate_state(1)[0])
 
+    def load(self, i):
+        """dataset[i]; an unreadable image is counted, warned about once, and replaced by the next one."""
+        for j in range(i, i + 100):
+            try:
+                return self.dataset[j % len(self.dataset)]
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                self.unreadable += 1
+                if j not in self.warned:
+                    self.warned.add(j)
+                    print(f"warning: skipping unreadable image {j}: {e}", file=sys.stderr)
+        raise RuntimeError(f"100 unreadable images in a row from index {i}: is this an image dataset?")
+
     def __getitem__(self, i):
-        image, label = self.dataset[i]
+        image, label = self.load(i)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
             torch.manual_seed(self.sample_seed(i))
             return self.transform(image), label
@@ -402,22 +422,37 @@ class MaskedImages(Augmented):
         return image, torch.from_numpy(mask).long(), label
 
 
+class Sampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, for a run resumed mid-epoch."""
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0, drop_last=None):
     """A DataLoader whose order is a function of (seed, epoch): call set_epoch(loader, epoch) before
     every epoch. Sharded across processes under torch.distributed (for evaluation with
     drop_last=False, DistributedSampler repeats a few samples so every process gets as many)."""
     drop_last = train if drop_last is None else drop_last
     distributed = dist.is_available() and dist.is_initialized()
-    sampler = torch.utils.data.DistributedSampler(
+    sampler = Sampler(
         dataset, num_replicas=dist.get_world_size() if distributed else 1, rank=dist.get_rank() if distributed else 0,
         shuffle=train, seed=seed, drop_last=drop_last)
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last, persistent_workers=workers > 0)
+        drop_last=drop_last, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed))  # worker seeds: not drawn from the global RNG
 
 
-def set_epoch(loader, epoch):
-    """Reshuffle for this epoch and give the dataset's augmentations and masks their epoch."""
+def set_epoch(loader, epoch, skip_batches=0):
+    """Reshuffle for this epoch, start it after skip_batches batches, and give the dataset's
+    augmentations and masks their epoch (and a fresh count of unreadable images)."""
     loader.sampler.set_epoch(epoch)
+    loader.sampler.skip = skip_batches * loader.batch_size
     if hasattr(loader.dataset, "epoch"):
         loader.dataset.epoch.fill_(epoch)
+        loader.dataset.unreadable.zero_()

@@ -73,6 +73,14 @@ PRESETS = {
 }
 
 
+def mixing(mixup, cutmix, num_classes):
+    """(images, labels) -> (mixed images, soft targets): MixUp or CutMix, one of the two per batch
+    as in DeiT; an alpha of 0 turns one off. None when both are off."""
+    mixes = [v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []
+    mixes += [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else []
+    return v2.RandomChoice(mixes) if mixes else None
+
+
 def evaluate(model, loader, device, autocast):
     """Top-1 and top-5 accuracy (%), summed over every process."""
     model.eval()
@@ -80,7 +88,8 @@ def evaluate(model, loader, device, autocast):
     with torch.no_grad(), autocast:
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            top5 = model(images).topk(min(5, model.head.out_features), dim=1).indices
+            logits = model(images)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top5 == labels[:, None]
             counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)]).float()
     if dist.is_initialized():
@@ -112,9 +121,7 @@ def main():
     val_set = data.Augmented(val_images, data.eval_transform(cfg["img_size"], cfg["crop_ratio"]))
     loader = data.make_loader(train_set, cfg["batch_size"] // world, train=True, workers=cfg["workers"], seed=cfg["seed"])
     val_loader = data.make_loader(val_set, cfg["batch_size"] // world, train=False, workers=cfg["workers"])
-    mixes = [v2.MixUp(alpha=cfg["mixup"], num_classes=num_classes)] if cfg["mixup"] > 0 else []
-    mixes += [v2.CutMix(alpha=cfg["cutmix"], num_classes=num_classes)] if cfg["cutmix"] > 0 else []
-    mix = v2.RandomChoice(mixes) if mixes else None  # one of the two per batch, as in DeiT
+    mix = mixing(cfg["mixup"], cfg["cutmix"], num_classes)
 
     # model: the pre-trained encoder (decoder and heads dropped) under a new classification head
     model = Classifier(ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], cfg["drop_path"]), num_classes)

@@ -361,6 +361,24 @@ class _FusedInfoNCE(torch.autograd.Function):
         return ga, gb, ga_all, gb_all, None, None
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """[B, D] on each process -> [world * B, D] in rank order. Every process's loss uses every slice,
+    so backward sums the gradients of all processes (all-reduce) and keeps this process's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+
+
 def info_nce(xa, xb, temperature=0.2, tile=1024):
     """Symmetric InfoNCE between the descriptors of the two branches, xa and xb [B, D].
     Negatives: every other image of the GLOBAL batch; under torch.distributed the descriptors are
@@ -368,8 +386,6 @@ def info_nce(xa, xb, temperature=0.2, tile=1024):
     a, b = F.normalize(xa.float(), dim=-1), F.normalize(xb.float(), dim=-1)
     a_all = b_all = None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_gather  # differentiable gather
-
-        a_all, b_all = torch.cat(all_gather(a)), torch.cat(all_gather(b))
+        a_all, b_all = _GatherWithGrad.apply(a), _GatherWithGrad.apply(b)
     with torch.autocast(a.device.type, enabled=False):  # similarities and exps stay in fp32
         return _FusedInfoNCE.apply(a, b, a_all, b_all, temperature, tile)

@@ -12,6 +12,7 @@ out_dir. Table 8 of the paper: --method=beit | --method=splitmask with --nce_wei
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 import data
 import tokenizers
-from model import BEiT, SplitMask, ViT, param_groups
+from model import VIT_SIZES, BEiT, SplitMask, ViT, param_groups
 
 # -----------------------------------------------------------------------------
 # configuration; `None` means "take the dataset preset's value" (see PRESETS)
@@ -73,6 +74,7 @@ config = dict(
     log_every=10,  # steps
     save_every=1,  # epochs
     picture_every=None,  # epochs
+    override_config=False,  # resume a run folder even though settings changed
 )
 
 # METHOD.md's recipe per dataset: same number of updates as 300 ImageNet epochs, capped at 5000.
@@ -123,13 +125,23 @@ def parse_config(config, presets, argv):
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 cfg[key] = text.lower() in ("true", "1")
-            elif default is None or isinstance(default, str):
+            elif isinstance(default, str):
                 cfg[key] = text
+            elif default is None:  # no type to follow: a number if it reads as one
+                cfg[key] = next((t(text) for t in (int, float) if _parses(t, text)), text)
             else:
                 cfg[key] = type(default)(text)
         except ValueError:
             sys.exit(f"error: --{key}={text!r} is not a valid {type(default).__name__}")
     return cfg
+
+
+def _parses(kind, text):
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
 
 
 def setup_distributed(device):
@@ -168,15 +180,22 @@ def lr_at(step, total_steps, warmup_steps, peak, floor):
 def save_checkpoint(path, state):
     """Atomic: write a temporary file, then rename over the old one, so a kill never leaves half a file."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so even a power cut leaves one whole file
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device, keys=("model",)):
+    """torch.load with weights_only=True: a pickle that tries to run code is refused, not run."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)  # never runs pickled code
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        sys.exit(f"error: cannot read checkpoint {path}: {e}")
+        sys.exit(f"error: cannot read checkpoint {path}: {str(e).splitlines()[0]}")
+    if not isinstance(state, dict) or any(k not in state for k in keys):
+        sys.exit(f"error: {path} is not a splitmask checkpoint (it has no {' / '.join(keys)} entry)")
+    return state
 
 
 def clean_state_dict(model):
@@ -188,7 +207,10 @@ def clean_state_dict(model):
 
 def measure_peak_flops(device, dtype, size=2048, repeats=5):
     """Dense matmul FLOP/s of this device and dtype, measured now: the MFU denominator."""
-    a = torch.randn(size, size, device=device, dtype=getattr(torch, dtype))
+    if device.type == "cpu" and dtype == "float16":
+        size = 512  # CPUs emulate fp16 matmuls at about 1 GFLOP/s: keep this short
+    gen = torch.Generator(device).manual_seed(0)  # its own generator: the training RNG stream stays as it is
+    a = torch.randn(size, size, device=device, generator=gen).to(getattr(torch, dtype))
     a @ a
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -201,7 +223,8 @@ def measure_peak_flops(device, dtype, size=2048, repeats=5):
 
 
 def save_picture(path, model, images, masks, vocab, patch_size):
-    """Rows: original, subset A, subset B, A's inpainting, B's inpainting (words rendered as patches)."""
+    """Rows: original, subset A, subset B, A's inpainting, B's inpainting (words rendered as patches).
+    BEiT: original, visible patches, inpainting."""
     from torchvision.utils import save_image
 
     enc = model.encoder
@@ -211,6 +234,8 @@ def save_picture(path, model, images, masks, vocab, patch_size):
         out = model(images, tokens, masks)
         # unit-norm words get the average patch norm so they show at a natural contrast
         scale = tokenizers.tokenizer_patches(images, patch_size).norm(dim=-1).mean()
+    if path is None:
+        return
     B, n = images.shape[0], enc.num_patches
 
     def patches_only(keep):  # grey everywhere but the given patch indices [B, k]
@@ -222,7 +247,8 @@ def save_picture(path, model, images, masks, vocab, patch_size):
     if masks.dim() == 3:  # splitmask: visible [B, 2, k]
         a, b = masks[:, 0], masks[:, 1]
         rows += [patches_only(a)[0], patches_only(b)[0]]
-        for seen, other, pred in ((a, b, out["pred_ids"][:B]), (b, a, out["pred_ids"][B:])):
+        predictions = ((a, b, out["pred_ids"][:B]), (b, a, out["pred_ids"][B:])) if "pred_ids" in out else ()
+        for seen, other, pred in predictions:  # none when the MIM head is off (split + match)
             words = tokens.clone().scatter_(1, other, pred)
             painted = tokenizers.render(words, vocab, grid, patch_size) * scale
             kept, m = patches_only(seen)
@@ -242,28 +268,81 @@ def save_picture(path, model, images, masks, vocab, patch_size):
 # -----------------------------------------------------------------------------
 
 
+def check_config(cfg, rules):
+    """rules: (ok, message) pairs; the first broken one stops the run with its message."""
+    for ok, message in rules:
+        if not ok:
+            sys.exit(f"error: {message}")
+
+
+# Settings that may change when a run resumes; any other change needs --override_config=True.
+FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "picture_every", "compile", "device", "override_config")
+
+
+def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad):
+    """One optimizer step over the micro-batches (gradient accumulation). Returns a tensor of
+    [loss, mim_loss, nce_loss, mim_acc, grad_norm] summed over micro-batches, left on the device:
+    reading it is a host sync, which the loop does only when it logs."""
+    stats = 0
+    for i, (imgs, masks) in enumerate(micro_batches):
+        with torch.no_grad():
+            tokens = tokenizers.tokenize(imgs, vocab, patch_size)  # on the device, inside the step
+        sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
+        with autocast, (nullcontext() if sync else model.no_sync()):
+            out = model(imgs, tokens, masks)
+        loss = out["loss"] / len(micro_batches)
+        (scaler.scale(loss) if scaler else loss).backward()
+        stats = stats + torch.stack([out["loss"], out["mim_loss"], out["nce_loss"], out["mim_acc"]]).detach().float()
+    if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)  # inf/nan when a gradient is
+    if scaler:
+        scaler.step(optimizer)  # skipped on every process at once when a gradient overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.cat([stats, grad_norm.detach().float().view(1) * len(micro_batches)])
+
+
 def main():
     cfg = parse_config(config, PRESETS, sys.argv[1:])
     rank, world, device = setup_distributed(cfg["device"])
     master = rank == 0
     dtype, autocast, scaler = autocast_setup(cfg["dtype"], device)
     cfg["dtype"] = dtype
-    if cfg["batch_size"] % (world * cfg["accum_steps"]):
-        sys.exit(f"error: --batch_size={cfg['batch_size']} must be divisible by processes x accum_steps = {world * cfg['accum_steps']}")
+    if cfg["mask_ratio"] is None:
+        cfg["mask_ratio"] = 0.5 if cfg["method"] == "splitmask" else 0.4
+    check_config(cfg, [
+        (cfg["method"] in ("splitmask", "beit"), f"--method={cfg['method']!r}: choose splitmask or beit"),
+        (cfg["model"] in VIT_SIZES, f"--model={cfg['model']!r}: choose one of {list(VIT_SIZES)}"),
+        (cfg["tokenizer"] in tokenizers.VOCAB_KINDS, f"--tokenizer={cfg['tokenizer']!r}: choose one of {tokenizers.VOCAB_KINDS}"),
+        (cfg["patch_size"] > 0 and cfg["patch_size"] % 2 == 0, f"--patch_size={cfg['patch_size']} must be even (words are patches of the half-size image)"),
+        (cfg["img_size"] > 0 and cfg["img_size"] % cfg["patch_size"] == 0, f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}"),
+        (cfg["batch_size"] > 0 and cfg["epochs"] > 0 and cfg["accum_steps"] > 0, "--batch_size, --epochs and --accum_steps must be positive"),
+        (cfg["batch_size"] % (world * cfg["accum_steps"]) == 0, f"--batch_size={cfg['batch_size']} must be divisible by processes x accum_steps = {world * cfg['accum_steps']}"),
+        (0 < cfg["mask_ratio"] < 1, f"--mask_ratio={cfg['mask_ratio']} must be in (0, 1)"),
+        (cfg["method"] == "beit" or cfg["mask_ratio"] >= 0.5, f"--mask_ratio={cfg['mask_ratio']}: SplitMask's two disjoint subsets need at least 0.5"),
+        (cfg["vocab_size"] >= 2, f"--vocab_size={cfg['vocab_size']} must be at least 2"),
+        (cfg["tokenizer"] == "random_projection" or cfg["tokenizer_samples"] >= cfg["vocab_size"],
+         f"--tokenizer_samples={cfg['tokenizer_samples']} must be at least --vocab_size={cfg['vocab_size']}"),
+    ])
     micro_batch = cfg["batch_size"] // (world * cfg["accum_steps"])
     if master and cfg["accum_steps"] > 1 and cfg["method"] == "splitmask" and cfg["nce_weight"] > 0:
         print(f"warning: accum_steps={cfg['accum_steps']}: InfoNCE negatives come from each micro-batch "
               f"of {micro_batch * world} images, not from the global batch of {cfg['batch_size']}")
-    if cfg["mask_ratio"] is None:
-        cfg["mask_ratio"] = 0.5 if cfg["method"] == "splitmask" else 0.4
     torch.manual_seed(cfg["seed"] + rank)  # drop path differs per process; data order comes from the sampler
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
     # data: masks are drawn per sample in the loader workers
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], cfg["drop_path"], cfg["layer_scale"])
-    images = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["img_size"], cfg["fraction"],
-                                cfg["seed"], cfg["num_images"])
+    try:
+        images = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["img_size"], cfg["fraction"],
+                                    cfg["seed"], cfg["num_images"])
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     transform = data.pretrain_transform(cfg["img_size"], cfg["crop_min_scale"], cfg["strong_aug"])
     train_set = data.MaskedImages(images, transform, encoder.grid, cfg["method"], cfg["mask_ratio"],
                                   cfg["mask_kind"], cfg["min_block"], seed=cfg["seed"])
@@ -274,8 +353,12 @@ def main():
     total_steps = cfg["epochs"] * steps_per_epoch
 
     # model, optimizer, and the run folder's checkpoint if there is one
-    resume = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
+    resume = load_checkpoint(ckpt_path, device, ("model", "optimizer", "config", "vocab", "step")) if os.path.exists(ckpt_path) else None
     if resume is not None:
+        changed = {k: (resume["config"].get(k), v) for k, v in cfg.items() if k not in FREE_TO_CHANGE and resume["config"].get(k) != v}
+        if changed and not cfg["override_config"]:
+            sys.exit(f"error: {ckpt_path} was made with other settings (saved, now): {changed}. Use another "
+                     "--out_dir, or --override_config=True to resume with the new ones.")
         vocab = resume["vocab"].to(device)
     elif cfg["tokenizer"] == "random_projection" or master:
         vocab = tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"], loader,
@@ -286,32 +369,26 @@ def main():
         dist.broadcast(vocab, 0)
     if cfg["method"] == "splitmask":
         model = SplitMask(encoder, cfg["vocab_size"], cfg["decoder_depth"], cfg["mim_weight"], cfg["nce_weight"], cfg["temperature"])
-        flops_per_image = model.flops_per_image(cfg["mask_ratio"])
-    elif cfg["method"] == "beit":
-        model = BEiT(encoder, cfg["vocab_size"])
-        flops_per_image = model.flops_per_image(cfg["mask_ratio"])
     else:
-        sys.exit(f"error: --method={cfg['method']!r}: choose splitmask or beit")
+        model = BEiT(encoder, cfg["vocab_size"])
+    flops_per_image = model.flops_per_image(cfg["mask_ratio"])
     model.to(device)
     peak_lr = cfg["blr"] * cfg["batch_size"] / 2048
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=peak_lr, betas=(0.9, cfg["beta2"]),
                                   fused=device.type == "cuda")
-    start_epoch = 0
+    step = 0
     if resume is not None:
-        changed = {k: (resume["config"].get(k), v) for k, v in cfg.items() if k not in ("epochs", "out_dir") and resume["config"].get(k) != v}
-        if changed and master:
-            print(f"warning: resuming {ckpt_path} with changed settings (old, new): {changed}")
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
-        start_epoch = resume["epoch"]
+        step = resume["step"]
         rng = resume["rng"][rank % len(resume["rng"])]
         torch.set_rng_state(rng["cpu"].cpu())
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu())
         if master:
-            print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+            print(f"resuming from {ckpt_path} at step {step} (epoch {step / steps_per_epoch:.2f})")
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
@@ -324,74 +401,78 @@ def main():
         log.write(json.dumps({"config": cfg, "world": world, "params": sum(p.numel() for p in raw_model.parameters())}) + "\n")
         print(f"{cfg['method']} ViT-{cfg['model']}/{cfg['patch_size']} at {cfg['img_size']}px on {world} x {device.type} ({dtype}); "
               f"{len(images)} images, {cfg['epochs']} epochs of {steps_per_epoch} steps, global batch {cfg['batch_size']}")
-    picture_batch = None
 
-    # the loop
-    step = start_epoch * steps_per_epoch
+    def checkpoint():  # a collective (every process's RNG state), written by rank 0 only
+        rng = gather_rng(world)
+        if master:
+            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                            config=cfg, vocab=vocab.cpu(), scaler=scaler.state_dict() if scaler else {}, rng=rng))
+
+    # Preemption (SLURM and most schedulers send SIGTERM or SIGUSR1 first): finish the step, save, exit.
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg["epochs"]):
-        data.set_epoch(loader, epoch)
+    picture_batch = None
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        data.set_epoch(loader, epoch, skip_batches=(step % steps_per_epoch) * cfg["accum_steps"])
         model.train()
-        sums, count, tick = torch.zeros(4, device=device), 0, time.perf_counter()
+        sums, count, tick = 0, 0, time.perf_counter()
         batches = iter(loader)
-        for _ in range(steps_per_epoch):
+        for _ in range(step % steps_per_epoch, steps_per_epoch):
             lr = lr_at(step, total_steps, cfg["warmup_epochs"] * steps_per_epoch, peak_lr, cfg["min_lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            for micro in range(cfg["accum_steps"]):
-                imgs, masks, _ = next(batches)
-                imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-                if picture_batch is None:
-                    picture_batch = (imgs[:8], masks[:8])
-                with torch.no_grad():
-                    tokens = tokenizers.tokenize(imgs, vocab, cfg["patch_size"])  # on the device, inside the step
-                sync = micro == cfg["accum_steps"] - 1 or world == 1
-                with autocast, (nullcontext() if sync else model.no_sync()):
-                    out = model(imgs, tokens, masks)
-                loss = out["loss"] / cfg["accum_steps"]
-                (scaler.scale(loss) if scaler else loss).backward()
-                sums += torch.stack([out["loss"].detach(), out["mim_loss"].detach(), out["nce_loss"].detach(), out["mim_acc"]]).float()
-                count += 1
-            if scaler:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["clip_grad"])
-            if scaler:
-                scaler.step(optimizer)  # skipped on every process at once when a gradient overflowed
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)[:2]] for _ in range(cfg["accum_steps"])]
+            if picture_batch is None:
+                picture_batch = [t[:8] for t in micro_batches[0]]
+            sums = sums + train_step(model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"], cfg["clip_grad"])
+            count += cfg["accum_steps"]
             step += 1
             bar.update(1)
-            if step % cfg["log_every"] == 0 or step == (epoch + 1) * steps_per_epoch:
-                if world > 1:
-                    dist.all_reduce(sums)
-                avg = (sums / (count * world)).tolist()  # the only host sync, once per log interval
-                if not math.isfinite(avg[0]) and scaler is None:
-                    sys.exit(f"error: non-finite loss at step {step} (epoch {epoch}); the last good checkpoint "
-                             f"in {cfg['out_dir']} is kept. Try a lower --blr or --dtype=float32.")
-                elapsed = time.perf_counter() - tick
-                img_s = count * micro_batch * world / elapsed
-                row = dict(step=step, epoch=epoch, lr=lr, loss=avg[0], mim_loss=avg[1], nce_loss=avg[2], mim_acc=avg[3],
-                           img_s=img_s, mfu=img_s * flops_per_image / world / peak_flops)
-                if master:
-                    bar.set_postfix(loss=f"{avg[0]:.3f}", mim=f"{avg[1]:.3f}", nce=f"{avg[2]:.3f}", acc=f"{avg[3]:.3f}",
-                                    img_s=f"{img_s:.0f}", mfu=f"{row['mfu']:.1%}")
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                sums.zero_()
-                count, tick = 0, time.perf_counter()
-        done = epoch + 1
-        if done % cfg["save_every"] == 0 or done == cfg["epochs"]:
-            rng = gather_rng(world)  # a collective: every process takes part
+            end_of_epoch = step % steps_per_epoch == 0
+            if step % cfg["log_every"] and not end_of_epoch:
+                continue
+            # log step: the one host sync; every process learns of bad images and stop signals here
+            totals = torch.cat([sums, torch.tensor([float(train_set.unreadable), float(bool(stop_signal))], device=device)])
+            if world > 1:
+                dist.all_reduce(totals)
+            avg = (totals[:5] / (count * world)).tolist()
+            unreadable, stop = int(totals[5]), bool(totals[6])
+            if not all(map(math.isfinite, avg)) and scaler is None:
+                sys.exit(f"error: non-finite {'loss' if not math.isfinite(avg[0]) else 'gradient'} at step {step} "
+                         f"(epoch {epoch}); the last good checkpoint in {cfg['out_dir']} is kept. Try a lower --blr or --dtype=float32.")
+            if scaler is not None and scaler.get_scale() < 1:  # halved at every overflow: from 65536, 17 in a row
+                sys.exit(f"error: float16 gradients kept overflowing up to step {step}; try --dtype=bfloat16 or float32")
+            if unreadable > 0.01 * len(images):
+                sys.exit(f"error: {unreadable} unreadable images in epoch {epoch} (over 1% of {len(images)}); fix the dataset")
+            img_s = count * micro_batch * world / (time.perf_counter() - tick)
+            row = dict(step=step, epoch=epoch, lr=lr, loss=avg[0], mim_loss=avg[1], nce_loss=avg[2], mim_acc=avg[3],
+                       grad_norm=avg[4], img_s=img_s, mfu=img_s * flops_per_image / world / peak_flops, unreadable=unreadable)
             if master:
-                save_checkpoint(ckpt_path, dict(
-                    model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=done, step=step, config=cfg,
-                    vocab=vocab.cpu(), scaler=scaler.state_dict() if scaler else {}, rng=rng))
-        if master and cfg["picture_every"] and (done % cfg["picture_every"] == 0 or done == cfg["epochs"]):
-            raw_model.eval()
+                bar.set_postfix(loss=f"{avg[0]:.3f}", mim=f"{avg[1]:.3f}", nce=f"{avg[2]:.3f}", acc=f"{avg[3]:.3f}",
+                                img_s=f"{img_s:.0f}", mfu=f"{row['mfu']:.1%}")
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            sums, count, tick = 0, 0, time.perf_counter()
+            if stop:
+                checkpoint()
+                if master:
+                    print(f"stop signal: saved {ckpt_path} at step {step}; the same command resumes from there")
+                sys.exit(0)
+        epoch += 1
+        if unreadable and master:
+            print(f"warning: {unreadable} unreadable images were skipped in epoch {epoch - 1}")
+        if epoch % cfg["save_every"] == 0 or step == total_steps:
+            checkpoint()
+        if cfg["picture_every"] and (epoch % cfg["picture_every"] == 0 or step == total_steps):
+            raw_model.eval()  # every process runs the forward (its InfoNCE gathers); rank 0 draws
             with autocast:
-                save_picture(os.path.join(cfg["out_dir"], f"inpaint_{done:05d}.png"), raw_model, *picture_batch, vocab, cfg["patch_size"])
+                save_picture(os.path.join(cfg["out_dir"], f"inpaint_{epoch:05d}.png") if master else None,
+                             raw_model, *picture_batch, vocab, cfg["patch_size"])
     bar.close()
     if master:
         print(f"done: {cfg['out_dir']}/ckpt.pt, log.jsonl and pictures")

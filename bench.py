@@ -1,0 +1,227 @@
+"""
+Speed of the real training step, as ratios measured in one run (they hold on noisy shared machines).
+
+    python bench.py                                    # CPU: ViT-S/16 at 224, bf16 where supported
+    python bench.py --device=cuda --model=base --batch_size=256 --compile=True
+    python bench.py --data=../shared/data/imagenette2  # adds the data-loading rows
+
+Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MFU against a dense
+matmul timed now; SplitMask vs BEiT (time ratio next to FLOP ratio); our ViT vs a stack of
+nn.TransformerEncoderLayer; fused vs naive InfoNCE (time, peak memory); tokenization as a share of
+the step; data loading per worker vs the step. Writes out/bench.json too.
+"""
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import tokenizers
+from masking import beit_mask, split_patches
+from model import BEiT, SplitMask, ViT, info_nce, info_nce_reference, param_groups
+from pretrain import autocast_setup, measure_peak_flops, parse_config, train_step
+
+config = dict(
+    device="auto",
+    dtype="auto",  # bfloat16 where supported, else float32 (as pretrain.py)
+    model="small",
+    img_size=224,
+    patch_size=16,
+    batch_size=0,  # 0: 32 on CPU, 256 on GPU
+    vocab_size=8192,
+    warmup=2,
+    steps=5,
+    compile=False,
+    nce_sizes="256,1024,4096,8192,16384",  # global batch sizes for the InfoNCE rows ("" skips them)
+    data="",  # a folder of JPEGs (e.g. ../shared/data/imagenette2) for the loading rows
+    out="out/bench.json",
+)
+# Dense bf16 datasheet peaks (FLOP/s), for the GPU MFU against the vendor's number.
+DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_call(fn, device, warmup, steps):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def random_masks(method, grid, batch, seed=0):
+    """A batch of the masks the loader would draw: SplitMask [B, 2, n/2] or BEiT [B, 0.4n]."""
+    rng = np.random.default_rng(seed)
+    if method == "splitmask":
+        return torch.from_numpy(np.stack([split_patches(grid, 0.5, rng, "block", 16) for _ in range(batch)]))
+    return torch.from_numpy(np.stack([np.flatnonzero(beit_mask(grid, 0.4, rng, "block", 16)) for _ in range(batch)]))
+
+
+def step_rows(cfg, device, autocast, method):
+    """Seconds per pretrain.train_step and training FLOPs per image, for one method."""
+    torch.manual_seed(0)
+    encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], drop_path=0.1)
+    model = (SplitMask(encoder, cfg["vocab_size"]) if method == "splitmask" else BEiT(encoder, cfg["vocab_size"])).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
+    vocab = tokenizers.random_projection_vocab(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, seed=0).to(device)
+    images = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
+    masks = random_masks(method, encoder.grid, cfg["batch_size"]).to(device)
+    net = torch.compile(model) if cfg["compile"] else model
+    step = lambda: train_step(net, optimizer, None, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0)
+    seconds = seconds_per_call(step, device, cfg["warmup"], cfg["steps"])
+    return seconds, model.flops_per_image(0.5 if method == "splitmask" else 0.4), (images, vocab)
+
+
+def vit_rows(cfg, device, autocast):
+    """Forward + backward seconds of our ViT and of nn.TransformerEncoderLayer blocks, same shapes."""
+    ours = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], drop_path=0.0, layer_scale=0.0).to(device)
+    layer = nn.TransformerEncoderLayer(ours.dim, ours.heads, 4 * ours.dim, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True, layer_norm_eps=1e-6)
+    blocks = nn.TransformerEncoder(layer, ours.depth, norm=nn.LayerNorm(ours.dim, eps=1e-6), enable_nested_tensor=False)
+    theirs = nn.ModuleDict(dict(embed=nn.Conv2d(3, ours.dim, ours.patch_size, ours.patch_size), blocks=blocks)).to(device)
+    pos = nn.Parameter(torch.zeros(1, ours.num_patches, ours.dim, device=device))
+    images = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
+
+    def run(forward):
+        def fwd_bwd():
+            with autocast:
+                out = forward(images)
+            out.float().mean().backward()
+        return seconds_per_call(fwd_bwd, device, cfg["warmup"], cfg["steps"])
+
+    t_ours = run(ours)
+    t_theirs = run(lambda x: theirs["blocks"](theirs["embed"](x).flatten(2).transpose(1, 2) + pos))
+    return t_ours, t_theirs
+
+
+def peak_memory(fn, device):
+    """Peak bytes allocated while fn() runs. CUDA: the allocator's counter. CPU: in a forked child,
+    the rise of the peak resident set (/proc's VmHWM, reset first) over the resident set before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report, exit without running any cleanup of the parent's
+        try:
+            torch.set_num_threads(1)  # OpenMP thread pools do not survive fork; memory is the same
+            def status(key):
+                with open("/proc/self/status") as f:
+                    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            before = status("VmRSS:")
+            fn()
+            os.write(write, str(status("VmHWM:") - before).encode())
+        except Exception:
+            os.write(write, b"-1")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 64)
+    os.waitpid(pid, 0)
+    return int(answer)
+
+
+def nce_rows(sizes, dim, device):
+    """(N, fused seconds, naive seconds, fused bytes, naive bytes) for symmetric InfoNCE fwd + bwd."""
+    rows = []
+    for n in sizes:
+        torch.manual_seed(0)
+        xa = torch.randn(n, dim, device=device, requires_grad=True)
+        xb = torch.randn(n, dim, device=device, requires_grad=True)
+
+        def run(loss_fn):
+            return lambda: loss_fn(xa, xb, 0.2).backward()
+
+        fused, naive = run(info_nce), run(info_nce_reference)
+        repeats = max(1, min(5, 4096 // n))
+        rows.append((n, seconds_per_call(fused, device, 1, repeats), seconds_per_call(naive, device, 1, repeats),
+                     peak_memory(fused, device), peak_memory(naive, device)))
+    return rows
+
+
+def loading_rows(cfg, folder):
+    """Images/s of one loader worker (decode, crop, flip, normalise, mask) on real files."""
+    images = data.build_dataset("folder", folder, "train", cfg["img_size"])
+    grid = cfg["img_size"] // cfg["patch_size"]
+    dataset = data.MaskedImages(images, data.pretrain_transform(cfg["img_size"]), grid, "splitmask", 0.5, "block", 16)
+    picks = np.random.default_rng(0).choice(len(dataset), min(64, len(dataset)), replace=False)
+    dataset[int(picks[0])]
+    start = time.perf_counter()
+    for i in picks:
+        dataset[int(i)]
+    return len(picks) / (time.perf_counter() - start)
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def main():
+    cfg = parse_config(config, None, sys.argv[1:])
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
+    cfg["batch_size"] = cfg["batch_size"] or (256 if device.type == "cuda" else 32)
+    dtype, autocast, _ = autocast_setup(cfg["dtype"], device)
+    rows = []
+
+    def row(name, value, note=""):
+        rows.append((name, value, note))
+        print(f"{name:<44} {value:>14}  {note}", flush=True)
+
+    B, shape = cfg["batch_size"], f"ViT-{cfg['model']}/{cfg['patch_size']} at {cfg['img_size']}px, batch {cfg['batch_size']}, {dtype}"
+    print(f"splitmask bench on {machine(device)}; torch {torch.__version__}; {shape}{', compiled' if cfg['compile'] else ''}\n")
+    matmul = measure_peak_flops(device, dtype, size=4096 if device.type == "cuda" else 2048)
+    row(f"dense matmul ({dtype})", f"{matmul / 1e12:.2f} TFLOP/s", "the MFU denominator, measured now")
+    t_split, f_split, (images, vocab) = step_rows(cfg, device, autocast, "splitmask")
+    mfu = B * f_split / t_split / matmul
+    row("SplitMask step", f"{B / t_split:.1f} img/s", f"{t_split * 1e3:.0f} ms/step; MFU {mfu:.1%} of the matmul")
+    for name, peak in DATASHEET.items():
+        if device.type == "cuda" and name in machine(device):
+            row("SplitMask MFU vs datasheet", f"{B * f_split / t_split / peak:.1%}", f"{name} bf16 dense {peak / 1e12:.0f} TFLOP/s")
+            row("300 ImageNet epochs (1.28M img)", f"{300 * 1.281e6 / (B / t_split) / 3600:.1f} h", "on this one device")
+    t_beit, f_beit, _ = step_rows(cfg, device, autocast, "beit")
+    row("BEiT step", f"{B / t_beit:.1f} img/s", f"MFU {B * f_beit / t_beit / matmul:.1%}")
+    row("SplitMask / BEiT step time", f"{t_split / t_beit:.2f}x", f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
+    t_ours, t_ref = vit_rows(cfg, device, autocast)
+    row("our ViT / nn.TransformerEncoderLayer", f"{t_ours / t_ref:.2f}x", f"fwd+bwd {t_ours * 1e3:.0f} vs {t_ref * 1e3:.0f} ms (at most 1)")
+    t_tok = seconds_per_call(lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"]), device, cfg["warmup"], cfg["steps"])
+    row("tokenization share of the step", f"{t_tok / t_split:.2%}", f"{t_tok * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
+    nce = nce_rows([int(n) for n in cfg["nce_sizes"].split(",") if n], ViT(cfg["model"]).dim, device)
+    for n, t_fused, t_naive, m_fused, m_naive in nce:
+        memory = f"{m_fused / 2**20:.0f} vs {m_naive / 2**20:.0f} MiB" if min(m_fused, m_naive) >= 0 else "memory n/a"
+        row(f"InfoNCE N={n}: fused / naive", f"{t_fused / t_naive:.2f}x time",
+            f"{m_fused / max(1, m_naive):.3f}x memory ({memory})")
+    if cfg["data"]:
+        per_worker = loading_rows(cfg, cfg["data"])
+        row("loading: img/s per worker", f"{per_worker:.1f} img/s", f"workers to feed the step: {B / t_split / per_worker:.1f}")
+    os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
+    with open(cfg["out"], "w") as f:
+        json.dump(dict(config=cfg, machine=machine(device), torch=torch.__version__, rows=rows,
+                       nce=[dict(zip(("n", "fused_s", "naive_s", "fused_bytes", "naive_bytes"), r)) for r in nce]), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""
+Weights out to, and in from, the key layout of timm's VisionTransformer (vit_small_patch16_224 style),
+the layout detection and segmentation codebases (detectron2 ViTDet, mmdet, mmseg) load.
+
+    python export.py --ckpt=out/pretrain/ckpt.pt --out=out/vit_timm.pth         # ours -> timm keys
+    python export.py --ckpt=vit_small_patch16_224.pth --out=out/ckpt.pt --to=ours  # timm keys -> ours
+
+Our ViT has no class token (everything mean-pools), so the export adds a zero `cls_token` and a zero
+first row of `pos_embed` [1, 1 + n, D], as a standard timm checkpoint has; import drops them. A
+fine-tuned classifier's pooled norm and head go to `fc_norm` and `head` (timm's global_pool='avg'
+names). qkv is packed as [3 * D, D] with (q, k, v) x heads order in both, so it copies unchanged.
+No timm import is needed either way.
+"""
+import os
+import sys
+
+import torch
+
+from pretrain import load_checkpoint, parse_config, save_checkpoint
+
+config = dict(ckpt="", out="", to="timm", cls_token=True)  # to: timm | ours; cls_token=False: timm class_token=False
+
+# our name -> timm name, per block (the rest of the name is kept: .weight / .bias)
+BLOCK_NAMES = {"gamma1": "ls1.gamma", "gamma2": "ls2.gamma", "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
+TOP_NAMES = {"encoder.patch_embed": "patch_embed.proj", "encoder.norm": "norm", "fc_norm": "fc_norm", "head": "head"}
+
+
+def rename(name, table):
+    for old, new in table.items():
+        if name == old or name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+
+def to_timm(state, cls_token=True):
+    """Our Classifier / SplitMask / BEiT state dict -> timm VisionTransformer keys: the encoder, plus
+    a fine-tuned classifier's fc_norm and head; pre-training decoders and vocabulary heads are dropped."""
+    out = {}
+    for name, value in state.items():
+        if name == "encoder.pos_embed" and not cls_token:
+            out["pos_embed"] = value
+        elif name == "encoder.pos_embed":
+            out["pos_embed"] = torch.cat([value.new_zeros(1, 1, value.shape[2]), value], 1)  # the class slot
+            out["cls_token"] = value.new_zeros(1, 1, value.shape[2])
+        elif name.startswith("encoder.blocks."):
+            _, _, i, rest = name.split(".", 3)
+            out[f"blocks.{i}.{rename(rest, BLOCK_NAMES)}"] = value
+        elif name.startswith(("encoder.patch_embed", "encoder.norm")) or (
+                name.split(".")[0] in ("fc_norm", "head") and "fc_norm.weight" in state):  # a classifier's, not the MIM head
+            out[rename(name, TOP_NAMES)] = value
+    return out
+
+
+def from_timm(state):
+    """timm VisionTransformer keys -> our keys (ViT under `encoder.`, plus fc_norm / head if present)."""
+    out = {}
+    inverse_block = {v: k for k, v in BLOCK_NAMES.items()}
+    inverse_top = {v: k for k, v in TOP_NAMES.items()}
+    for name, value in state.items():
+        if name == "pos_embed":
+            with_class = "cls_token" in state  # then the first position is the class token's
+            out["encoder.pos_embed"] = value[:, 1:] if with_class else value
+        elif name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            out[f"encoder.blocks.{i}.{rename(rest, inverse_block)}"] = value
+        elif name != "cls_token":
+            out[rename(name, inverse_top)] = value
+    return out
+
+
+def main():
+    cfg = parse_config(config, None, sys.argv[1:])
+    if not cfg["ckpt"] or not cfg["out"] or cfg["to"] not in ("timm", "ours"):
+        sys.exit("error: give --ckpt=<file> --out=<file> and --to=timm (default) or --to=ours")
+    if cfg["to"] == "timm":
+        state = load_checkpoint(cfg["ckpt"], "cpu")["model"]
+        result = to_timm(state, cls_token=cfg["cls_token"])
+    else:
+        state = torch.load(cfg["ckpt"], map_location="cpu", weights_only=True)
+        state = state.get("model", state.get("state_dict", state))  # plain, or wrapped as many codebases do
+        result = dict(model=from_timm(state), config=dict(source=os.path.abspath(cfg["ckpt"])))
+    os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
+    save_checkpoint(cfg["out"], result)
+    print(f"wrote {cfg['out']} ({len(result if cfg['to'] == 'timm' else result['model'])} tensors)")
+
+
+if __name__ == "__main__":
+    main()
