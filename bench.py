@@ -10,6 +10,7 @@ matmul timed now; SplitMask vs BEiT (time ratio next to FLOP ratio); our ViT vs 
 nn.TransformerEncoderLayer; fused vs naive InfoNCE (time, peak memory); tokenization as a share of
 the step; data loading per worker vs the step. Writes out/bench.json too.
 """
+import ctypes
 import json
 import os
 import platform
@@ -79,7 +80,8 @@ def step_rows(cfg, device, autocast, method):
     images = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
     masks = random_masks(method, encoder.grid, cfg["batch_size"]).to(device)
     net = torch.compile(model) if cfg["compile"] else model
-    step = lambda: train_step(net, optimizer, None, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0)
+    step = lambda: train_step(net, optimizer, None, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0,
+                              torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32)
     seconds = seconds_per_call(step, device, cfg["warmup"], cfg["steps"])
     return seconds, model.flops_per_image(0.5 if method == "splitmask" else 0.4), (images, vocab)
 
@@ -121,6 +123,9 @@ def peak_memory(fn, device):
     if pid == 0:  # child: measure, report, exit without running any cleanup of the parent's
         try:
             torch.set_num_threads(1)  # OpenMP thread pools do not survive fork; memory is the same
+            # Blocks of 64 KiB and up get their own pages (glibc's M_MMAP_THRESHOLD = -3), so nothing
+            # reuses memory the parent freed, where the resident set would not grow.
+            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
             def status(key):
                 with open("/proc/self/status") as f:
                     return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
@@ -185,6 +190,7 @@ def main():
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
     cfg["batch_size"] = cfg["batch_size"] or (256 if device.type == "cuda" else 32)
     dtype, autocast, _ = autocast_setup(cfg["dtype"], device)
+    cfg["dtype"] = dtype
     rows = []
 
     def row(name, value, note=""):
@@ -207,7 +213,9 @@ def main():
     row("SplitMask / BEiT step time", f"{t_split / t_beit:.2f}x", f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
     t_ours, t_ref = vit_rows(cfg, device, autocast)
     row("our ViT / nn.TransformerEncoderLayer", f"{t_ours / t_ref:.2f}x", f"fwd+bwd {t_ours * 1e3:.0f} vs {t_ref * 1e3:.0f} ms (at most 1)")
-    t_tok = seconds_per_call(lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"]), device, cfg["warmup"], cfg["steps"])
+    token_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # as pretrain.py
+    tokenize = lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"], token_dtype)
+    t_tok = seconds_per_call(tokenize, device, cfg["warmup"], cfg["steps"])
     row("tokenization share of the step", f"{t_tok / t_split:.2%}", f"{t_tok * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
     nce = nce_rows([int(n) for n in cfg["nce_sizes"].split(",") if n], ViT(cfg["model"]).dim, device)
     for n, t_fused, t_naive, m_fused, m_naive in nce:

@@ -160,8 +160,9 @@ class SplitMask(nn.Module):
         z = enc.forward_tokens(x)  # the shared encoder never sees a mask token
         # 2. Inpaint: a full-length sequence per branch: its own encoder outputs where it looked,
         # the learned mask embedding + position embedding everywhere else.
-        filler = (self.mask_embed + enc.pos_embed).to(z.dtype).expand(2 * B, n, D)
-        h = filler.scatter(1, seen.unsqueeze(-1).expand(-1, -1, D), z)
+        # (the residual stream stays fp32 under autocast, as in the encoder: bf16 adds and norms are slow on CPUs)
+        filler = (self.mask_embed + enc.pos_embed).expand(2 * B, n, D)
+        h = filler.scatter(1, seen.unsqueeze(-1).expand(-1, -1, D), z.to(filler.dtype))
         for block in self.decoder:
             h = block(h)
         h = self.decoder_norm(h)

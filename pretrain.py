@@ -279,14 +279,14 @@ def check_config(cfg, rules):
 FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "picture_every", "compile", "device", "override_config")
 
 
-def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad):
+def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad, token_dtype=torch.float32):
     """One optimizer step over the micro-batches (gradient accumulation). Returns a tensor of
     [loss, mim_loss, nce_loss, mim_acc, grad_norm] summed over micro-batches, left on the device:
     reading it is a host sync, which the loop does only when it logs."""
     stats = 0
     for i, (imgs, masks) in enumerate(micro_batches):
         with torch.no_grad():
-            tokens = tokenizers.tokenize(imgs, vocab, patch_size)  # on the device, inside the step
+            tokens = tokenizers.tokenize(imgs, vocab, patch_size, token_dtype)  # on the device, inside the step
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
         with autocast, (nullcontext() if sync else model.no_sync()):
             out = model(imgs, tokens, masks)
@@ -429,7 +429,8 @@ def main():
             micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)[:2]] for _ in range(cfg["accum_steps"])]
             if picture_batch is None:
                 picture_batch = [t[:8] for t in micro_batches[0]]
-            sums = sums + train_step(model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"], cfg["clip_grad"])
+            sums = sums + train_step(model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"],
+                                     cfg["clip_grad"], torch.bfloat16 if dtype == "bfloat16" else torch.float32)
             count += cfg["accum_steps"]
             step += 1
             bar.update(1)

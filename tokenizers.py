@@ -95,19 +95,20 @@ def kmeans_objective(patches, vocab, batch_size=16384):
     return torch.cat([(c @ vocab.T).amax(dim=1) for c in units.split(batch_size)]).mean().item()
 
 
-def tokenize(images, vocab, patch_size):
+def tokenize(images, vocab, patch_size, dtype=torch.float32):
     """Eq. 1: token ids [B, n], the token of patch x being argmax_i <x, e_i> over unit rows e_i.
 
     Dividing by |x| would make the dot product a cosine but cannot move the argmax, so a batch is
-    one matmul and an argmax, in float32 on the vocabulary's device.
+    one matmul and an argmax on the vocabulary's device. dtype=torch.bfloat16 (what pretrain.py
+    uses under bf16 AMP) halves the cost; near-ties then resolve at bf16 precision.
     """
-    vocab = _unit_rows(vocab.float())
+    vocab = _unit_rows(vocab.float()).to(dtype)
     patches = tokenizer_patches(images.to(vocab.device), patch_size)
     B, n, dim = patches.shape
     if dim != vocab.shape[1]:
         raise ValueError(f"tokenizer patches have {dim} dims, the vocabulary {vocab.shape[1]}")
     rows = max(1, 2**26 // len(vocab))  # chunks keep the [rows, V] similarity matrix <= 256 MB
-    ids = [(chunk @ vocab.T).argmax(dim=1) for chunk in patches.reshape(B * n, dim).split(rows)]
+    ids = [(chunk.to(dtype) @ vocab.T).argmax(dim=1) for chunk in patches.reshape(B * n, dim).split(rows)]
     return torch.cat(ids).reshape(B, n)
 
 
