@@ -8,7 +8,9 @@ Every name in `config` is a flag (--name=value); a relaunch of the same command 
 Reports top-1 / top-5 on the validation split every epoch and keeps the best weights in best.pt.
 """
 import json
+import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -22,7 +24,8 @@ from tqdm import tqdm
 
 import data
 from model import Classifier, ViT, load_encoder, param_groups
-from pretrain import autocast_setup, load_checkpoint, lr_at, parse_config, save_checkpoint, setup_distributed
+from pretrain import (autocast_setup, gather_rng, load_checkpoint, lr_at, parse_config, refuse_changed_config, restore_rng,
+                      save_checkpoint, setup_distributed)
 
 # -----------------------------------------------------------------------------
 # configuration; `None` means "take the dataset preset's value"
@@ -59,6 +62,7 @@ config = dict(
     workers=None,
     seed=0,
     log_every=10,
+    override_config=False,  # resume a run folder even though settings changed
 )
 # Large sets: lr 1.4e-4 at batch 1024, warm-up 5, no layer decay. Small sets: 4e-3, warm-up 60, decay 0.65.
 LARGE = dict(model="small", img_size=224, patch_size=16, epochs=300, batch_size=1024, blr=1.4e-4,
@@ -111,8 +115,11 @@ def main():
 
     # data
     args = (cfg["data_root"], cfg["img_size"], cfg["fraction"], cfg["seed"])
-    train_images = data.build_dataset(cfg["dataset"], args[0], "train", *args[1:], cfg["num_images"])
-    val_images = data.build_dataset(cfg["dataset"], args[0], "val", *args[1:])
+    try:
+        train_images = data.build_dataset(cfg["dataset"], args[0], "train", *args[1:], cfg["num_images"])
+        val_images = data.build_dataset(cfg["dataset"], args[0], "val", *args[1:])
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
     num_classes = len(train_images.classes)
     if num_classes < 2:
         sys.exit(f"error: --dataset={cfg['dataset']} has no class labels; fine-tuning needs a labelled dataset")
@@ -125,7 +132,7 @@ def main():
 
     # model: the pre-trained encoder (decoder and heads dropped) under a new classification head
     model = Classifier(ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], cfg["drop_path"]), num_classes)
-    resume = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
+    resume = load_checkpoint(ckpt_path, device, ("model", "optimizer", "config", "step")) if os.path.exists(ckpt_path) else None
     if resume is None and cfg["init"]:
         try:
             load_encoder(model.encoder, load_checkpoint(cfg["init"], "cpu")["model"])
@@ -133,20 +140,23 @@ def main():
             sys.exit(f"error: --init={cfg['init']}: {e}. Pass the same --model and --patch_size as the pre-training run.")
     model.to(device)
     steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        sys.exit(f"error: {len(train_images)} images give no full batch of {cfg['batch_size']}: lower --batch_size")
     total_steps = cfg["epochs"] * steps_per_epoch
     peak_lr = cfg["blr"] * cfg["batch_size"] / 1024
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["layer_decay"]), lr=peak_lr,
                                   fused=device.type == "cuda")
-    start_epoch, best = 0, 0.0
+    step, best = 0, 0.0
     if resume is not None:
+        refuse_changed_config(resume["config"], cfg, ckpt_path)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
-        start_epoch, best = resume["epoch"], resume["best_top1"]
-        torch.set_rng_state(resume["rng"].cpu())
+        step, best = resume["step"], resume["best_top1"]
+        restore_rng(resume["rng"], rank, device)
         if master:
-            print(f"resuming from {ckpt_path} at epoch {start_epoch}")
+            print(f"resuming from {ckpt_path} at step {step} (epoch {step / steps_per_epoch:.2f})")
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
@@ -158,11 +168,34 @@ def main():
         print(f"fine-tuning ViT-{cfg['model']}/{cfg['patch_size']} from {cfg['init'] or 'random init'} on "
               f"{len(train_images)} images, {num_classes} classes, {cfg['epochs']} epochs of {steps_per_epoch} steps")
 
+    def checkpoint(**extra):  # a collective (every process's RNG state), written by rank 0 only
+        rng = gather_rng(world)
+        if master:
+            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                            config=cfg, best_top1=best, scaler=scaler.state_dict() if scaler else {},
+                                            rng=rng, **extra))
+
+    # Preemption (SIGTERM / SIGUSR1): finish the step, save mid-epoch, exit; the same command resumes there.
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def signalled():  # a collective, so that every process stops after the same step
+        flag = torch.tensor(float(bool(stop_signal)), device=device)
+        if world > 1:
+            dist.all_reduce(flag)
+        return bool(flag)
+
+    def stop():
+        if master:
+            print(f"stop signal: saved {ckpt_path} at step {step}; the same command resumes from there")
+        sys.exit(0)
+
     # the loop
-    step = start_epoch * steps_per_epoch
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg["epochs"]):
-        data.set_epoch(loader, epoch)
+    while step < total_steps:
+        epoch = step // steps_per_epoch
+        data.set_epoch(loader, epoch, skip_batches=step % steps_per_epoch)
         model.train()
         loss_sum, count, tick = torch.zeros((), device=device), 0, time.perf_counter()
         for images, labels in loader:
@@ -187,23 +220,43 @@ def main():
             count += 1
             step += 1
             bar.update(1)
-            if step % cfg["log_every"] == 0 and master:
-                bar.set_postfix(loss=f"{loss_sum.item() / count:.3f}", lr=f"{lr:.2e}",
-                                img_s=f"{count * cfg['batch_size'] / (time.perf_counter() - tick):.0f}")
-        train_loss = loss_sum.item() / max(1, count)
-        if not torch.isfinite(torch.tensor(train_loss)):
+            if step % cfg["log_every"] or step % steps_per_epoch == 0:
+                continue
+            # log step: the one host sync; every process learns of a stop signal here
+            row = dict(step=step, epoch=epoch, lr=lr, loss=loss_sum.item() / count,
+                       img_s=count * cfg["batch_size"] / (time.perf_counter() - tick))
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['img_s']:.0f}")
+            if master:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if signalled():
+                checkpoint()
+                stop()
+        # end of epoch: loss and unreadable images of every process, validation, checkpoints
+        totals = torch.stack([loss_sum, torch.tensor(float(count), device=device),
+                              torch.tensor(float(train_set.unreadable), device=device)])
+        if world > 1:
+            dist.all_reduce(totals)
+        train_loss, unreadable = (totals[0] / totals[1]).item(), int(totals[2])
+        if not math.isfinite(train_loss):
             sys.exit(f"error: non-finite loss in epoch {epoch}; the last good checkpoint in {cfg['out_dir']} is kept")
+        if unreadable > 0.01 * len(train_images):
+            sys.exit(f"error: {unreadable} unreadable images in epoch {epoch} (over 1% of {len(train_images)}); fix the dataset")
+        if unreadable and master:
+            print(f"warning: {unreadable} unreadable images were skipped in epoch {epoch}")
         top1, top5 = evaluate(model, val_loader, device, autocast)
         if master:
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}, val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-            log.write(json.dumps(dict(epoch=epoch, step=step, train_loss=train_loss, top1=top1, top5=top5)) + "\n")
+            log.write(json.dumps(dict(epoch=epoch, step=step, train_loss=train_loss, top1=top1, top5=top5,
+                                      unreadable=unreadable)) + "\n")
             log.flush()
-            state = dict(model=raw_model.state_dict(), config=cfg, top1=top1, epoch=epoch + 1)
             if top1 > best:
                 best = top1
-                save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), state)
-            save_checkpoint(ckpt_path, dict(state, optimizer=optimizer.state_dict(), best_top1=best,
-                                            scaler=scaler.state_dict() if scaler else {}, rng=torch.get_rng_state()))
+                save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"), dict(model=raw_model.state_dict(), config=cfg,
+                                                                              top1=top1, epoch=epoch + 1))
+        checkpoint(top1=top1)
+        if signalled():
+            stop()
     bar.close()
     if master:
         print(f"best val top-1 {best:.2f}%: {cfg['out_dir']}/best.pt")

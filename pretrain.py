@@ -279,6 +279,14 @@ def check_config(cfg, rules):
 FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "picture_every", "compile", "device", "override_config")
 
 
+def refuse_changed_config(saved, cfg, path):
+    """A run folder resumes only with the settings it was made with (unless --override_config=True)."""
+    changed = {k: (saved.get(k), v) for k, v in cfg.items() if k not in FREE_TO_CHANGE and saved.get(k) != v}
+    if changed and not cfg["override_config"]:
+        sys.exit(f"error: {path} was made with other settings (saved, now): {changed}. Use another "
+                 "--out_dir, or --override_config=True to resume with the new ones.")
+
+
 def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad, token_dtype=torch.float32):
     """One optimizer step over the micro-batches (gradient accumulation). Returns a tensor of
     [loss, mim_loss, nce_loss, mim_acc, grad_norm] summed over micro-batches, left on the device:
@@ -355,10 +363,7 @@ def main():
     # model, optimizer, and the run folder's checkpoint if there is one
     resume = load_checkpoint(ckpt_path, device, ("model", "optimizer", "config", "vocab", "step")) if os.path.exists(ckpt_path) else None
     if resume is not None:
-        changed = {k: (resume["config"].get(k), v) for k, v in cfg.items() if k not in FREE_TO_CHANGE and resume["config"].get(k) != v}
-        if changed and not cfg["override_config"]:
-            sys.exit(f"error: {ckpt_path} was made with other settings (saved, now): {changed}. Use another "
-                     "--out_dir, or --override_config=True to resume with the new ones.")
+        refuse_changed_config(resume["config"], cfg, ckpt_path)
         vocab = resume["vocab"].to(device)
     elif cfg["tokenizer"] == "random_projection" or master:
         vocab = tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"], loader,
@@ -383,10 +388,7 @@ def main():
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         step = resume["step"]
-        rng = resume["rng"][rank % len(resume["rng"])]
-        torch.set_rng_state(rng["cpu"].cpu())
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        restore_rng(resume["rng"], rank, device)
         if master:
             print(f"resuming from {ckpt_path} at step {step} (epoch {step / steps_per_epoch:.2f})")
     raw_model = model
@@ -491,6 +493,14 @@ def gather_rng(world):
     states = [None] * world
     dist.all_gather_object(states, state)
     return states
+
+
+def restore_rng(states, rank, device):
+    """Continue this process's RNG streams from a checkpoint's gather_rng() list."""
+    state = states[rank % len(states)]
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 if __name__ == "__main__":

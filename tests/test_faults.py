@@ -66,6 +66,18 @@ def test_too_many_unreadable_images_stop_the_run(tmp_path):
         assert name in result.stderr
 
 
+def test_finetune_stops_on_too_many_unreadable_images(tmp_path):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(tmp_path / "data" / split / label, 15, seed=len(label + split))
+    write_bad_files(tmp_path / "data" / "train" / "a")  # 3 bad of 33 training images
+    result = run("finetune.py", "--dataset=imagefolder", f"--data_root={tmp_path / 'data'}", "--model=tiny",
+                 "--img_size=16", "--patch_size=4", "--batch_size=8", "--epochs=1", "--workers=0", "--dtype=float32",
+                 f"--out_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode != 0 and "unreadable images in epoch 0 (over 1% of 33)" in result.stderr, result.stderr
+    assert "truncated.jpg" in result.stderr
+
+
 @pytest.mark.parametrize("layout, dataset, message", [
     ("empty", "folder", "folder: no image files under"),
     ("missing", "imagenette", "is not a folder"),

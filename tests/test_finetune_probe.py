@@ -1,6 +1,9 @@
 """finetune.py and probe.py: what they compute (in process) and how they run (subprocesses)."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import data
 from finetune import mixing
 from model import Classifier, ViT, param_groups
 from probe import extract_features, knn_accuracy, train_linear_probes
-from test_pretrain import TINY, run, torchrun
+from test_pretrain import ENV, ROOT, TINY, assert_same_weights, run, torchrun, wait_for_step, weights
 
 SMALL_DATA = ["--num_images=64", "--img_size=16", "--patch_size=4", "--batch_size=16", "--workers=0", "--dtype=float32"]
 
@@ -46,10 +49,25 @@ def test_finetune_two_processes(pretrained, tmp_path):
     assert len(read_log(str(tmp_path))) == 1
 
 
-def test_finetune_resumes(pretrained, tmp_path):
-    run("finetune.py", *SMALL_DATA, "--epochs=1", f"--init={pretrained}", f"--out_dir={tmp_path}")
-    result = run("finetune.py", *SMALL_DATA, "--epochs=2", f"--init={pretrained}", f"--out_dir={tmp_path}")
-    assert "resuming" in result.stdout and [r["epoch"] for r in read_log(str(tmp_path))] == [0, 1]
+def test_finetune_preempted_mid_epoch_resumes_bit_exact(pretrained, tmp_path):
+    flags = [*SMALL_DATA, "--epochs=3", "--log_every=1", f"--init={pretrained}"]
+    run("finetune.py", *flags, f"--out_dir={tmp_path / 'reference'}")
+    out = str(tmp_path / "preempted")
+    process = subprocess.Popen([sys.executable, "finetune.py", *flags, f"--out_dir={out}"], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(process, out, 2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "stop signal" in output, output
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
+    assert 2 <= saved < 12
+    result = run("finetune.py", *flags, f"--out_dir={out}")
+    assert f"at step {saved}" in result.stdout
+    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+    assert_same_weights(weights(out), weights(str(tmp_path / "reference")))
+    # a relaunch with other settings is refused, naming them, unless asked for
+    result = run("finetune.py", *flags, "--label_smoothing=0.2", f"--out_dir={out}", check=False)
+    assert result.returncode != 0 and "'label_smoothing'" in result.stderr and "--override_config=True" in result.stderr
 
 
 def test_finetune_refuses_a_checkpoint_of_another_model(pretrained, tmp_path):
