@@ -6,14 +6,16 @@ Speed of the real training step, as ratios measured in one run (they hold on noi
     python bench.py --data=../shared/data/imagenette2  # adds the data-loading rows
 
 Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MFU against a dense
-matmul timed now; SplitMask vs BEiT (time ratio next to FLOP ratio); our ViT vs a stack of
+matmul; SplitMask vs BEiT (time ratio next to FLOP ratio); our ViT vs a stack of
 nn.TransformerEncoderLayer; fused vs naive InfoNCE (time, peak memory); tokenization as a share of
-the step; data loading per worker vs the step. Writes out/bench.json too.
+the step; data loading per worker vs the step. The calls a ratio compares take turns, round after
+round, and each time is the median over the rounds. Writes out/bench.json too.
 """
 import ctypes
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -25,7 +27,7 @@ import data
 import tokenizers
 from masking import beit_mask, split_patches
 from model import BEiT, SplitMask, ViT, info_nce, info_nce_reference, param_groups
-from pretrain import autocast_setup, measure_peak_flops, parse_config, train_step
+from pretrain import autocast_setup, parse_config, train_step
 
 config = dict(
     device="auto",
@@ -33,10 +35,10 @@ config = dict(
     model="small",
     img_size=224,
     patch_size=16,
-    batch_size=0,  # 0: 32 on CPU, 256 on GPU
+    batch_size=0,  # 0: 16 on CPU, 256 on GPU
     vocab_size=8192,
     warmup=2,
-    steps=5,
+    steps=5,  # timed rounds; each reports the median
     compile=False,
     nce_sizes="256,1024,4096,8192,16384",  # global batch sizes for the InfoNCE rows ("" skips them)
     data="",  # a folder of JPEGs (e.g. ../shared/data/imagenette2) for the loading rows
@@ -51,15 +53,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def seconds_per_call(fn, device, warmup, steps):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / steps
+def seconds_per_call(fns, device, warmup, rounds):
+    """{name: fn} -> {name: median seconds per call}. The calls take turns, round after round, so a
+    slow moment of a shared machine hits every side of a ratio alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def random_masks(method, grid, batch, seed=0):
@@ -70,24 +78,21 @@ def random_masks(method, grid, batch, seed=0):
     return torch.from_numpy(np.stack([np.flatnonzero(beit_mask(grid, 0.4, rng, "block", 16)) for _ in range(batch)]))
 
 
-def step_rows(cfg, device, autocast, method):
-    """Seconds per pretrain.train_step and training FLOPs per image, for one method."""
+def training_step(cfg, device, autocast, method, images, vocab):
+    """pretrain.train_step of one method on a fixed batch, as a function; and its FLOPs per image."""
     torch.manual_seed(0)
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], drop_path=0.1)
     model = (SplitMask(encoder, cfg["vocab_size"]) if method == "splitmask" else BEiT(encoder, cfg["vocab_size"])).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
-    vocab = tokenizers.random_projection_vocab(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, seed=0).to(device)
-    images = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
     masks = random_masks(method, encoder.grid, cfg["batch_size"]).to(device)
     net = torch.compile(model) if cfg["compile"] else model
     step = lambda: train_step(net, optimizer, None, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0,
                               torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32)
-    seconds = seconds_per_call(step, device, cfg["warmup"], cfg["steps"])
-    return seconds, model.flops_per_image(0.5 if method == "splitmask" else 0.4), (images, vocab)
+    return step, model.flops_per_image(0.5 if method == "splitmask" else 0.4)
 
 
-def vit_rows(cfg, device, autocast):
-    """Forward + backward seconds of our ViT and of nn.TransformerEncoderLayer blocks, same shapes."""
+def vit_fwd_bwd(cfg, device, autocast):
+    """Forward + backward of our ViT and of nn.TransformerEncoderLayer blocks with the same shapes."""
     ours = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], drop_path=0.0, layer_scale=0.0).to(device)
     layer = nn.TransformerEncoderLayer(ours.dim, ours.heads, 4 * ours.dim, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True, layer_norm_eps=1e-6)
@@ -101,11 +106,9 @@ def vit_rows(cfg, device, autocast):
             with autocast:
                 out = forward(images)
             out.float().mean().backward()
-        return seconds_per_call(fwd_bwd, device, cfg["warmup"], cfg["steps"])
+        return fwd_bwd
 
-    t_ours = run(ours)
-    t_theirs = run(lambda x: theirs["blocks"](theirs["embed"](x).flatten(2).transpose(1, 2) + pos))
-    return t_ours, t_theirs
+    return run(ours), run(lambda x: theirs["blocks"](theirs["embed"](x).flatten(2).transpose(1, 2) + pos))
 
 
 def peak_memory(fn, device):
@@ -155,9 +158,8 @@ def nce_rows(sizes, dim, device):
             return lambda: loss_fn(xa, xb, 0.2).backward()
 
         fused, naive = run(info_nce), run(info_nce_reference)
-        repeats = max(1, min(5, 4096 // n))
-        rows.append((n, seconds_per_call(fused, device, 1, repeats), seconds_per_call(naive, device, 1, repeats),
-                     peak_memory(fused, device), peak_memory(naive, device)))
+        t = seconds_per_call(dict(fused=fused, naive=naive), device, 1, max(3, min(9, 4096 // n)))
+        rows.append((n, t["fused"], t["naive"], peak_memory(fused, device), peak_memory(naive, device)))
     return rows
 
 
@@ -188,7 +190,7 @@ def machine(device):
 def main():
     cfg = parse_config(config, None, sys.argv[1:])
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
-    cfg["batch_size"] = cfg["batch_size"] or (256 if device.type == "cuda" else 32)
+    cfg["batch_size"] = cfg["batch_size"] or (256 if device.type == "cuda" else 16)
     dtype, autocast, _ = autocast_setup(cfg["dtype"], device)
     cfg["dtype"] = dtype
     rows = []
@@ -199,24 +201,30 @@ def main():
 
     B, shape = cfg["batch_size"], f"ViT-{cfg['model']}/{cfg['patch_size']} at {cfg['img_size']}px, batch {cfg['batch_size']}, {dtype}"
     print(f"splitmask bench on {machine(device)}; torch {torch.__version__}; {shape}{', compiled' if cfg['compile'] else ''}\n")
-    matmul = measure_peak_flops(device, dtype, size=4096 if device.type == "cuda" else 2048)
-    row(f"dense matmul ({dtype})", f"{matmul / 1e12:.2f} TFLOP/s", "the MFU denominator, measured now")
-    t_split, f_split, (images, vocab) = step_rows(cfg, device, autocast, "splitmask")
-    mfu = B * f_split / t_split / matmul
-    row("SplitMask step", f"{B / t_split:.1f} img/s", f"{t_split * 1e3:.0f} ms/step; MFU {mfu:.1%} of the matmul")
+    # The matmul (MFU denominator), the two training steps and tokenization take turns, round by round.
+    size = 4096 if device.type == "cuda" else 512 if dtype == "float16" else 2048  # CPUs emulate fp16 slowly
+    a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
+    images = torch.randn(B, 3, cfg["img_size"], cfg["img_size"], device=device)
+    vocab = tokenizers.random_projection_vocab(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, seed=0).to(device)
+    token_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # as pretrain.py
+    (splitmask, f_split), (beit, f_beit) = (training_step(cfg, device, autocast, m, images, vocab) for m in ("splitmask", "beit"))
+    t = seconds_per_call(dict(matmul=lambda: a @ a, splitmask=splitmask, beit=beit,
+                              tokenize=lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"], token_dtype)),
+                         device, cfg["warmup"], cfg["steps"])
+    matmul, t_split, t_beit = 2 * size**3 / t["matmul"], t["splitmask"], t["beit"]
+    row(f"dense matmul ({dtype})", f"{matmul / 1e12:.2f} TFLOP/s", "the MFU denominator, measured in the same rounds")
+    row("SplitMask step", f"{B / t_split:.1f} img/s", f"{t_split * 1e3:.0f} ms/step; MFU {B * f_split / t_split / matmul:.1%} of the matmul")
     for name, peak in DATASHEET.items():
         if device.type == "cuda" and name in machine(device):
             row("SplitMask MFU vs datasheet", f"{B * f_split / t_split / peak:.1%}", f"{name} bf16 dense {peak / 1e12:.0f} TFLOP/s")
             row("300 ImageNet epochs (1.28M img)", f"{300 * 1.281e6 / (B / t_split) / 3600:.1f} h", "on this one device")
-    t_beit, f_beit, _ = step_rows(cfg, device, autocast, "beit")
     row("BEiT step", f"{B / t_beit:.1f} img/s", f"MFU {B * f_beit / t_beit / matmul:.1%}")
     row("SplitMask / BEiT step time", f"{t_split / t_beit:.2f}x", f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
-    t_ours, t_ref = vit_rows(cfg, device, autocast)
-    row("our ViT / nn.TransformerEncoderLayer", f"{t_ours / t_ref:.2f}x", f"fwd+bwd {t_ours * 1e3:.0f} vs {t_ref * 1e3:.0f} ms (at most 1)")
-    token_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # as pretrain.py
-    tokenize = lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"], token_dtype)
-    t_tok = seconds_per_call(tokenize, device, cfg["warmup"], cfg["steps"])
-    row("tokenization share of the step", f"{t_tok / t_split:.2%}", f"{t_tok * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
+    row("tokenization share of the step", f"{t['tokenize'] / t_split:.2%}", f"{t['tokenize'] * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
+    ours, reference = vit_fwd_bwd(cfg, device, autocast)
+    t = seconds_per_call(dict(ours=ours, reference=reference), device, cfg["warmup"], cfg["steps"])
+    row("our ViT / nn.TransformerEncoderLayer", f"{t['ours'] / t['reference']:.2f}x",
+        f"fwd+bwd {t['ours'] * 1e3:.0f} vs {t['reference'] * 1e3:.0f} ms (at most 1)")
     nce = nce_rows([int(n) for n in cfg["nce_sizes"].split(",") if n], ViT(cfg["model"]).dim, device)
     for n, t_fused, t_naive, m_fused, m_naive in nce:
         memory = f"{m_fused / 2**20:.0f} vs {m_naive / 2**20:.0f} MiB" if min(m_fused, m_naive) >= 0 else "memory n/a"

@@ -3,6 +3,7 @@ Evaluate a frozen encoder: a linear probe on every layer at once, and k-NN, on c
 
     python probe.py --init=out/pretrain/ckpt.pt       # a pre-training or fine-tuning checkpoint
     python probe.py                                   # random init: the baseline every result needs
+    python probe.py --report=out/exp/cifar10          # table + per-layer plot of an experiment's runs
 
 One forward pass over the data (no augmentation) collects the mean-pooled tokens of every block;
 they are cached in out_dir, then a BatchNorm (no affine) + linear classifier is trained per layer
@@ -41,6 +42,7 @@ config = dict(
     device="auto",
     workers=2,
     seed=0,
+    report="",  # an experiment folder of <row>/{pretrain,probe,finetune} runs: print its table, draw its plot
 )
 
 
@@ -95,27 +97,68 @@ def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperatur
     return 100.0 * correct / len(test_x)
 
 
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
 def plot(path, curves, title):
     """A minimal line plot (accuracy vs layer) drawn with PIL, so no plotting library is needed."""
     W, H, pad = 640, 400, 50
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
     L = len(next(iter(curves.values())))
-    to_xy = lambda i, acc: (pad + i * (W - 2 * pad) / max(1, L - 1), H - pad - acc / 100 * (H - 2 * pad))
-    for acc in range(0, 101, 20):
+    values = [v for curve in curves.values() for v in curve]
+    low, high = 10 * int(min(values) // 10), min(100, 10 * int(max(values) // 10) + 10)  # the decades in use
+    to_xy = lambda i, acc: (pad + i * (W - 2 * pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad))
+    for acc in range(low, high + 1, 10):
         draw.line([to_xy(0, acc), to_xy(L - 1, acc)], fill=(225, 225, 225))
         draw.text((8, to_xy(0, acc)[1] - 6), f"{acc}%", fill="black")
     for i in range(L):
-        draw.text((to_xy(i, 0)[0] - 4, H - pad + 8), str(i + 1), fill="black")
-    for (name, values), colour in zip(curves.items(), [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]):
+        draw.text((to_xy(i, low)[0] - 4, H - pad + 8), str(i + 1), fill="black")
+    for k, ((name, values), colour) in enumerate(zip(curves.items(), COLOURS)):
         draw.line([to_xy(i, v) for i, v in enumerate(values)], fill=colour, width=3)
-        draw.text((W - pad - 150, pad + 16 * list(curves).index(name)), name, fill=colour)
+        draw.text((W - pad - 150, pad + 16 * k), name, fill=colour)
     draw.text((pad, 15), title + " (x: block, y: top-1)", fill="black")
     image.save(path)
 
 
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def report(folder):
+    """One table and one per-layer plot for the runs of an experiment: folder/<row>/probe/results.json,
+    with folder/<row>/pretrain/log.jsonl and folder/<row>/finetune/log.jsonl where they exist."""
+    table, curves = {}, {}
+    for name in sorted(os.listdir(folder)):
+        if not os.path.exists(os.path.join(folder, name, "probe", "results.json")):
+            continue
+        with open(os.path.join(folder, name, "probe", "results.json")) as f:
+            probe = json.load(f)
+        row = dict(knn=max(probe["knn"]), linear=probe["best_linear"], best_layer=probe["best_layer"], finetune=None, hours=0.0)
+        if os.path.exists(os.path.join(folder, name, "finetune", "log.jsonl")):
+            row["finetune"] = max(r["top1"] for r in read_jsonl(os.path.join(folder, name, "finetune", "log.jsonl")) if "top1" in r)
+        if os.path.exists(os.path.join(folder, name, "pretrain", "log.jsonl")):  # training time from the logged img/s
+            log = read_jsonl(os.path.join(folder, name, "pretrain", "log.jsonl"))
+            batch, steps = log[0]["config"]["batch_size"], [r for r in log if "step" in r]
+            row["hours"] = sum((r["step"] - p["step"]) * batch / r["img_s"] for p, r in zip([{"step": 0}] + steps, steps)) / 3600
+        table[name], curves[name] = row, probe["linear"]
+    if not table:
+        sys.exit(f"error: no <row>/probe/results.json under {folder}")
+    print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 |\n|---|---|---|---|---|")
+    for name, r in table.items():
+        finetune = "-" if r["finetune"] is None else f"{r['finetune']:.1f}"
+        print(f"| {name} | {r['hours']:.2f} | {r['knn']:.1f} | {r['linear']:.1f} ({r['best_layer']}) | {finetune} |")
+    with open(os.path.join(folder, "report.json"), "w") as f:
+        json.dump(dict(table=table, linear_by_block=curves), f, indent=1)
+    plot(os.path.join(folder, "probe_by_block.png"), curves, f"linear probe by block, {os.path.basename(folder.rstrip('/'))}")
+
+
 def main():
     cfg = parse_config(config, None, sys.argv[1:])
+    if cfg["report"]:
+        return report(cfg["report"])
     device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg["device"] == "auto" else cfg["device"])
     torch.manual_seed(cfg["seed"])
