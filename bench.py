@@ -13,6 +13,7 @@ round, and each time is the median over the rounds. Writes out/bench.json too.
 """
 import ctypes
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -111,55 +112,55 @@ def vit_fwd_bwd(cfg, device, autocast):
     return run(ours), run(lambda x: theirs["blocks"](theirs["embed"](x).flatten(2).transpose(1, 2) + pos))
 
 
-def peak_memory(fn, device):
-    """Peak bytes allocated while fn() runs. CUDA: the allocator's counter. CPU: in a forked child,
-    the rise of the peak resident set (/proc's VmHWM, reset first) over the resident set before."""
+def nce_call(n, dim, device, fused):
+    """One forward + backward of the fused or the naive InfoNCE on random [n, dim] descriptors."""
+    torch.manual_seed(0)
+    xa = torch.randn(n, dim, device=device, requires_grad=True)
+    xb = torch.randn(n, dim, device=device, requires_grad=True)
+    loss = info_nce if fused else info_nce_reference
+    return lambda: loss(xa, xb, 0.2).backward()
+
+
+def _cpu_peak(n, dim, fused, answer):
+    """In a fresh process: how far one call raises the peak resident set (/proc's VmHWM)."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # blocks of 64 KiB and up: fresh pages, given back when freed
+    fn = nce_call(n, dim, torch.device("cpu"), fused)
+    fn()  # a first call sets up what stays (thread pools, caches): that is not the peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    status = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+    before = status("VmRSS:")
+    fn()
+    answer.put(status("VmHWM:") - before)
+
+
+def peak_memory(n, dim, device, fused):
+    """Peak bytes one InfoNCE forward + backward adds. CUDA: the allocator's counter. CPU: measured in
+    a fresh process, where no memory freed earlier (resident, so uncounted) can be reused."""
     if device.type == "cuda":
+        fn = nce_call(n, dim, device, fused)
+        fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: measure, report, exit without running any cleanup of the parent's
-        try:
-            torch.set_num_threads(1)  # OpenMP thread pools do not survive fork; memory is the same
-            # Blocks of 64 KiB and up get their own pages (glibc's M_MMAP_THRESHOLD = -3), so nothing
-            # reuses memory the parent freed, where the resident set would not grow.
-            ctypes.CDLL("libc.so.6").mallopt(-3, 65536)
-            def status(key):
-                with open("/proc/self/status") as f:
-                    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident set
-            before = status("VmRSS:")
-            fn()
-            os.write(write, str(status("VmHWM:") - before).encode())
-        except Exception:
-            os.write(write, b"-1")
-        os._exit(0)
-    os.close(write)
-    answer = os.read(read, 64)
-    os.waitpid(pid, 0)
-    return int(answer)
+    context = multiprocessing.get_context("spawn")
+    answer = context.Queue()
+    child = context.Process(target=_cpu_peak, args=(n, dim, fused, answer))
+    child.start()
+    child.join()
+    return answer.get() if child.exitcode == 0 else -1  # -1: no /proc (not Linux)
 
 
 def nce_rows(sizes, dim, device):
     """(N, fused seconds, naive seconds, fused bytes, naive bytes) for symmetric InfoNCE fwd + bwd."""
     rows = []
     for n in sizes:
-        torch.manual_seed(0)
-        xa = torch.randn(n, dim, device=device, requires_grad=True)
-        xb = torch.randn(n, dim, device=device, requires_grad=True)
-
-        def run(loss_fn):
-            return lambda: loss_fn(xa, xb, 0.2).backward()
-
-        fused, naive = run(info_nce), run(info_nce_reference)
+        fused, naive = nce_call(n, dim, device, True), nce_call(n, dim, device, False)
         t = seconds_per_call(dict(fused=fused, naive=naive), device, 1, max(3, min(9, 4096 // n)))
-        rows.append((n, t["fused"], t["naive"], peak_memory(fused, device), peak_memory(naive, device)))
+        rows.append((n, t["fused"], t["naive"], peak_memory(n, dim, device, True), peak_memory(n, dim, device, False)))
     return rows
 
 

@@ -298,7 +298,7 @@ def info_nce_reference(xa, xb, temperature=0.2):
 def _similarity_tiles(x, y, temperature, tile):
     """Yield (start, x[start:start+tile] @ y.T / t) so that at most a tile x len(y) block is alive."""
     for start in range(0, x.shape[0], tile):
-        yield start, x[start : start + tile] @ y.T / temperature
+        yield start, (x[start : start + tile] @ y.T).div_(temperature)
 
 
 def _tiled_lse(x, y, temperature, tile):
@@ -316,11 +316,11 @@ def _tiled_softmax_grads(x, y, row_lse, col_lse, temperature, tile, scale):
     tile by tile (d lse / d S is the softmax). Either lse may be None (that direction is skipped)."""
     gx, gy = torch.zeros_like(x), torch.zeros_like(y)
     for start, s in _similarity_tiles(x, y, temperature, tile):
-        p = torch.zeros_like(s)
-        if row_lse is not None:
-            p += torch.exp(s - row_lse[start : start + len(s), None])
+        # the softmax of each direction, in place where it can be: at most two tiles are alive
+        p = (s - row_lse[start : start + len(s), None]).exp_() if row_lse is not None else None
         if col_lse is not None:
-            p += torch.exp(s - col_lse[None, :])
+            column_softmax = s.sub_(col_lse[None, :]).exp_()
+            p = column_softmax if p is None else p.add_(column_softmax)
         p *= scale / temperature
         gx[start : start + len(s)] = p @ y
         gy += p.T @ x[start : start + len(s)]
@@ -380,7 +380,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
 
 
-def info_nce(xa, xb, temperature=0.2, tile=1024):
+def info_nce(xa, xb, temperature=0.2, tile=None):
     """Symmetric InfoNCE between the descriptors of the two branches, xa and xb [B, D].
     Negatives: every other image of the GLOBAL batch; under torch.distributed the descriptors are
     all-gathered and gradients flow back through the gather. Computed in fp32 whatever the AMP dtype."""
@@ -388,5 +388,8 @@ def info_nce(xa, xb, temperature=0.2, tile=1024):
     a_all = b_all = None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         a_all, b_all = _GatherWithGrad.apply(a), _GatherWithGrad.apply(b)
+    # a tile of similarities holds 2M floats (8 MB, in a CPU's cache) or 32M on a GPU (fewer kernel launches)
+    columns = len(b) if b_all is None else len(b_all)
+    tile = tile or max(1, (2**21 if a.device.type == "cpu" else 2**25) // columns)
     with torch.autocast(a.device.type, enabled=False):  # similarities and exps stay in fp32
         return _FusedInfoNCE.apply(a, b, a_all, b_all, temperature, tile)
