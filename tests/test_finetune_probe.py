@@ -50,7 +50,7 @@ def test_finetune_two_processes(pretrained, tmp_path):
 
 
 def test_finetune_preempted_mid_epoch_resumes_bit_exact(pretrained, tmp_path):
-    flags = [*SMALL_DATA, "--epochs=3", "--log_every=1", f"--init={pretrained}"]
+    flags = [*SMALL_DATA, "--epochs=2", "--log_every=1", f"--init={pretrained}"]
     run("finetune.py", *flags, f"--out_dir={tmp_path / 'reference'}")
     out = str(tmp_path / "preempted")
     process = subprocess.Popen([sys.executable, "finetune.py", *flags, f"--out_dir={out}"], cwd=ROOT, env=ENV,
@@ -60,10 +60,10 @@ def test_finetune_preempted_mid_epoch_resumes_bit_exact(pretrained, tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "stop signal" in output, output
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
-    assert 2 <= saved < 12
+    assert 2 <= saved < 8
     result = run("finetune.py", *flags, f"--out_dir={out}")
     assert f"at step {saved}" in result.stdout
-    assert [r["epoch"] for r in read_log(out)] == [0, 1, 2]
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
     assert_same_weights(weights(out), weights(str(tmp_path / "reference")))
     # a relaunch with other settings is refused, naming them, unless asked for
     result = run("finetune.py", *flags, "--label_smoothing=0.2", f"--out_dir={out}", check=False)
