@@ -9,14 +9,14 @@ Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MF
 matmul; SplitMask vs BEiT (time ratio next to FLOP ratio); our ViT vs a stack of
 nn.TransformerEncoderLayer; fused vs naive InfoNCE (time, peak memory); tokenization as a share of
 the step; data loading per worker vs the step. The calls a ratio compares take turns, round after
-round, and each time is the median over the rounds. Writes out/bench.json too.
+round, and each time is the fastest of its rounds (a busy machine only ever adds time).
+Writes out/bench.json too.
 """
 import ctypes
 import json
 import multiprocessing
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -39,7 +39,7 @@ config = dict(
     batch_size=0,  # 0: 16 on CPU, 256 on GPU
     vocab_size=8192,
     warmup=2,
-    steps=5,  # timed rounds; each reports the median
+    steps=5,  # timed rounds; each reports its fastest
     compile=False,
     nce_sizes="256,1024,4096,8192,16384",  # global batch sizes for the InfoNCE rows ("" skips them)
     data="",  # a folder of JPEGs (e.g. ../shared/data/imagenette2) for the loading rows
@@ -55,7 +55,7 @@ def sync(device):
 
 
 def seconds_per_call(fns, device, warmup, rounds):
-    """{name: fn} -> {name: median seconds per call}. The calls take turns, round after round, so a
+    """{name: fn} -> {name: seconds of its fastest call}. The calls take turns, round after round, so a
     slow moment of a shared machine hits every side of a ratio alike."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -68,7 +68,7 @@ def seconds_per_call(fns, device, warmup, rounds):
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def random_masks(method, grid, batch, seed=0):
