@@ -233,7 +233,7 @@ def main():
             f"{m_fused / max(1, m_naive):.3f}x memory ({memory})")
     if cfg["data"]:
         per_worker = loading_rows(cfg, cfg["data"])
-        row("loading: img/s per worker", f"{per_worker:.1f} img/s", f"workers to feed the step: {B / t_split / per_worker:.1f}")
+        row("loading: img/s per worker", f"{per_worker:.1f} img/s", f"workers to feed the step: {B / t_split / per_worker:.2g}")
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     with open(cfg["out"], "w") as f:
         json.dump(dict(config=cfg, machine=machine(device), torch=torch.__version__, rows=rows,

@@ -205,21 +205,22 @@ def clean_state_dict(model):
     return model.state_dict()
 
 
-def measure_peak_flops(device, dtype, size=2048, repeats=5):
-    """Dense matmul FLOP/s of this device and dtype, measured now: the MFU denominator."""
-    if device.type == "cpu" and dtype == "float16":
-        size = 512  # CPUs emulate fp16 matmuls at about 1 GFLOP/s: keep this short
+def measure_peak_flops(device, dtype, repeats=5):
+    """Dense matmul FLOP/s of this device and dtype, measured now: the MFU denominator. The fastest of a
+    few calls counts: on a shared machine, other work only ever adds time."""
+    # CPUs emulate fp16, and bf16 without AVX512-BF16/AMX, at about 1 GFLOP/s: keep those calls short
+    emulated = dtype == "float16" or (dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    size = 8192 if device.type == "cuda" else 512 if emulated else 2048
     gen = torch.Generator(device).manual_seed(0)  # its own generator: the training RNG stream stays as it is
     a = torch.randn(size, size, device=device, generator=gen).to(getattr(torch, dtype))
-    a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
         a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / min(seconds[1:])  # the first call warms up
 
 
 def save_picture(path, model, images, masks, vocab, patch_size):
