@@ -138,7 +138,8 @@ def report(folder):
             probe = json.load(f)
         row = dict(knn=max(probe["knn"]), linear=probe["best_linear"], best_layer=probe["best_layer"], finetune=None, hours=0.0)
         if os.path.exists(os.path.join(folder, name, "finetune", "log.jsonl")):
-            row["finetune"] = max(r["top1"] for r in read_jsonl(os.path.join(folder, name, "finetune", "log.jsonl")) if "top1" in r)
+            epochs = [r["top1"] for r in read_jsonl(os.path.join(folder, name, "finetune", "log.jsonl")) if "top1" in r]
+            row["finetune"] = max(epochs, default=None)  # None: fine-tuning has not finished an epoch yet
         if os.path.exists(os.path.join(folder, name, "pretrain", "log.jsonl")):  # training time from the logged img/s
             log = read_jsonl(os.path.join(folder, name, "pretrain", "log.jsonl"))
             batch, steps = log[0]["config"]["batch_size"], [r for r in log if "step" in r]

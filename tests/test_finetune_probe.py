@@ -165,11 +165,14 @@ def test_report_collects_the_rows_of_an_experiment(tmp_path, capsys):
     # 10 steps of 64 images at 32 img/s, then 10 more at 64 img/s: 30 seconds of pre-training
     write(tmp_path / "splitmask" / "pretrain" / "log.jsonl", [dict(config=dict(batch_size=64)), dict(step=10, img_s=32.0), dict(step=20, img_s=64.0)])
     write(tmp_path / "splitmask" / "finetune" / "log.jsonl", [dict(config={}), dict(step=5, loss=1.0), dict(epoch=0, top1=50.0), dict(epoch=1, top1=55.5)])
+    write(tmp_path / "beit" / "probe" / "results.json", [dict(linear=[36.0, 37.0], knn=[30.0, 30.0], best_linear=37.0, best_layer=2)])
+    write(tmp_path / "beit" / "finetune" / "log.jsonl", [dict(config={}), dict(step=5, loss=1.0)])  # still in epoch 0
     (tmp_path / "not_a_run").mkdir()
     report(str(tmp_path))
     table = json.loads((tmp_path / "report.json").read_text())["table"]
-    assert list(table) == ["random", "splitmask"]
+    assert list(table) == ["beit", "random", "splitmask"]
     assert table["random"] == dict(knn=25.0, linear=31.0, best_layer=2, finetune=None, hours=0.0)
+    assert table["beit"]["finetune"] is None
     assert table["splitmask"]["hours"] == pytest.approx(30 / 3600)
     assert (table["splitmask"]["knn"], table["splitmask"]["finetune"]) == (35.0, 55.5)
     assert "| splitmask | 0.01 | 35.0 | 40.0 (1) | 55.5 |" in capsys.readouterr().out
