@@ -31,7 +31,7 @@ EXP        ?= out/exp
 DATA_cifar10     = --dataset=cifar10 --data_root=$(CIFAR10) --fraction=0.2 --model=tiny --img_size=32 --patch_size=4
 DATA_imagenette  = --dataset=imagenette --data_root=$(IMAGENETTE) --model=tiny --img_size=112 --patch_size=16
 PRETRAIN_cifar10    = --epochs=8 --batch_size=128 --blr=1.5e-2 --warmup_epochs=1 --vocab_size=1024 --tokenizer_samples=200000 --min_block=4
-PRETRAIN_imagenette = --epochs=10 --batch_size=128 --blr=1.5e-2 --warmup_epochs=1 --vocab_size=1024 --tokenizer_samples=200000 --min_block=4
+PRETRAIN_imagenette = --epochs=8 --batch_size=128 --blr=1.5e-2 --warmup_epochs=1 --vocab_size=1024 --tokenizer_samples=200000 --min_block=4
 FINETUNE_cifar10    = --epochs=5 --batch_size=128 --warmup_epochs=1
 FINETUNE_imagenette = --epochs=5 --batch_size=128 --warmup_epochs=1
 # Table 8's rows, each method at its paper default masking; then Table 2's tokenizers; then second seeds.
