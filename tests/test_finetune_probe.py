@@ -140,7 +140,7 @@ def test_pretraining_beats_random_init(tmp_path):
     # A few minutes of SplitMask on the built-in scenes, then the probes on frozen features: both the
     # best linear probe and k-NN must beat the same encoder at random init by a wide margin (measured
     # at 16 px: linear 59 vs 23, k-NN 64 vs 38; a broken pipeline stays near the random-init numbers;
-    # half the images and steps shrink the linear margin to 13, so this is as small as it can be).
+    # half the images at half the batch shrink the linear margin to 13, so this is as small as it can be).
     scenes = ["--img_size=16", "--patch_size=4", "--num_images=1000", "--workers=0"]
     run("pretrain.py", *scenes, "--epochs=4", "--batch_size=64", "--vocab_size=64", "--tokenizer_samples=20000",
         "--min_block=2", f"--out_dir={tmp_path / 'pretrain'}")
