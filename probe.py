@@ -103,13 +103,14 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def plot(path, curves, title):
     """A minimal line plot (accuracy vs layer) drawn with PIL, so no plotting library is needed."""
-    W, H, pad = 640, 400, 50
+    W, H, pad, legend = 800, 400, 50, 160  # the legend gets its own column, right of the curves
+    right = W - pad - legend
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
     L = len(next(iter(curves.values())))
     values = [v for curve in curves.values() for v in curve]
     low, high = 10 * int(min(values) // 10), min(100, 10 * int(max(values) // 10) + 10)  # the decades in use
-    to_xy = lambda i, acc: (pad + i * (W - 2 * pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad))
+    to_xy = lambda i, acc: (pad + i * (right - pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad))
     for acc in range(low, high + 1, 10):
         draw.line([to_xy(0, acc), to_xy(L - 1, acc)], fill=(225, 225, 225))
         draw.text((8, to_xy(0, acc)[1] - 6), f"{acc}%", fill="black")
@@ -117,7 +118,7 @@ def plot(path, curves, title):
         draw.text((to_xy(i, low)[0] - 4, H - pad + 8), str(i + 1), fill="black")
     for k, ((name, values), colour) in enumerate(zip(curves.items(), COLOURS)):
         draw.line([to_xy(i, v) for i, v in enumerate(values)], fill=colour, width=3)
-        draw.text((W - pad - 150, pad + 16 * k), name, fill=colour)
+        draw.text((right + 20, pad + 16 * k), name, fill=colour)
     draw.text((pad, 15), title + " (x: block, y: top-1)", fill="black")
     image.save(path)
 
