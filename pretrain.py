@@ -207,7 +207,8 @@ def clean_state_dict(model):
 
 def measure_peak_flops(device, dtype, repeats=5):
     """Dense matmul FLOP/s of this device and dtype, measured now: the MFU denominator. The fastest of a
-    few calls counts: on a shared machine, other work only ever adds time."""
+    few calls counts (pretraining re-times it each minute and keeps the best): on a shared machine,
+    other work only ever adds time."""
     # CPUs emulate fp16, and bf16 without AVX512-BF16/AMX, at about 1 GFLOP/s: keep those calls short
     emulated = dtype == "float16" or (dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported())
     size = 8192 if device.type == "cuda" else 512 if emulated else 2048
@@ -398,7 +399,7 @@ def main():
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=cfg["method"] == "splitmask" and cfg["mim_weight"] == 0)
-    peak_flops = measure_peak_flops(device, dtype) if master else 1.0
+    peak_flops, peak_timed = measure_peak_flops(device, dtype) if master else 1.0, time.perf_counter()
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     if master:
         log.write(json.dumps({"config": cfg, "world": world, "params": sum(p.numel() for p in raw_model.parameters())}) + "\n")
@@ -454,6 +455,9 @@ def main():
             if unreadable > 0.01 * len(images):
                 sys.exit(f"error: {unreadable} unreadable images in epoch {epoch} (over 1% of {len(images)}); fix the dataset")
             img_s = count * micro_batch * world / (time.perf_counter() - tick)
+            # MFU's denominator: the best matmul rate seen, re-timed each minute (one reading under load reads slow)
+            if master and time.perf_counter() - peak_timed > 60:
+                peak_flops, peak_timed = max(peak_flops, measure_peak_flops(device, dtype, 1)), time.perf_counter()
             row = dict(step=step, epoch=epoch, lr=lr, loss=avg[0], mim_loss=avg[1], nce_loss=avg[2], mim_acc=avg[3],
                        grad_norm=avg[4], img_s=img_s, mfu=img_s * flops_per_image / world / peak_flops, unreadable=unreadable)
             if master:
