@@ -140,13 +140,14 @@ def _images_of(batch):
 def sample_patches(loader, patch_size, num_patches, seed):
     """Exactly num_patches random tokenizer patches [num_patches, dim] from a loader of images.
 
-    Each image gives ceil(num_patches / len(dataset)) distinct random patches (all of them if the
-    size is unknown), so the sample spreads over the whole dataset rather than its first images
-    (only the last few images may go unused). The loader restarts if one pass is not enough. The
+    Each image gives ceil(num_patches / images per pass) distinct random patches (all of them if the
+    size is unknown), so one pass spreads the sample over every image the loader yields rather than
+    its first ones: a sharded loader is not read 8 times over while the other processes wait (only
+    the last few images may go unused). The loader restarts if one pass is not enough. The
     seed fixes which patches are drawn; the loader's shuffling and augmentation are its own.
     """
-    dataset = getattr(loader, "dataset", None)
-    per_image = math.ceil(num_patches / len(dataset)) if hasattr(dataset, "__len__") else None
+    sampler = getattr(loader, "sampler", None)  # one pass of the loader: under DDP, this process's shard
+    per_image = math.ceil(num_patches / len(sampler)) if hasattr(sampler, "__len__") else None
     g = torch.Generator().manual_seed(seed)
     chunks, gathered = [], 0
     with tqdm(total=num_patches, desc="sampling patches", unit="patch") as bar:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import tokenizers as tok
 
@@ -207,6 +207,23 @@ def test_sample_patches_draws_real_patches_spread_over_the_dataset():
     assert len(set((nearest // 16).tolist())) >= 30  # ceil(100 / 40) = 3 per image: >= 34 images
     assert torch.equal(tok.sample_patches(loader, 4, 100, seed=0), sample)
     assert not torch.equal(tok.sample_patches(loader, 4, 100, seed=1), sample)
+
+
+def test_sample_patches_reads_a_shard_of_the_dataset_once():
+    """Under DDP rank 0 samples the vocabulary from its shard while the others wait: one pass must do."""
+    images = torch.randn(40, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    reads = []
+
+    class Counting(TensorDataset):
+        def __getitem__(self, i):
+            reads.append(i)
+            return super().__getitem__(i)
+
+    shard = DistributedSampler(Counting(images), num_replicas=4, rank=1, shuffle=False)  # 10 of the 40 images
+    sample = tok.sample_patches(DataLoader(shard.dataset, batch_size=4, sampler=shard), 4, num_patches=100, seed=0)
+    assert sorted(reads) == list(shard)  # each image of the shard read once: 10 patches from each
+    distance = pairwise_distances(sample, tok.tokenizer_patches(images[list(shard)], 4).reshape(-1, 12))
+    assert distance.min(dim=1).values.max() < 1e-5 and len(set(distance.argmin(dim=1).tolist())) == 100
 
 
 def test_sample_patches_accepts_tensor_and_dict_batches_and_restarts_the_loader():
