@@ -198,13 +198,6 @@ def load_checkpoint(path, device, keys=("model",)):
     return state
 
 
-def clean_state_dict(model):
-    """State dict of the bare model: without DDP's `module.` or torch.compile's `_orig_mod.` prefixes."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    return model.state_dict()
-
-
 def measure_peak_flops(device, dtype, repeats=5):
     """Dense matmul FLOP/s of this device and dtype, measured now: the MFU denominator. The fastest of a
     few calls counts (pretraining re-times it each minute and keeps the best): on a shared machine,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 from model import ViT, load_encoder
-from pretrain import load_checkpoint, parse_config
+from pretrain import load_checkpoint, parse_config, save_checkpoint
 
 config = dict(
     out_dir="out/probe",
@@ -177,9 +177,8 @@ def main():
     cache = os.path.join(cfg["out_dir"], "features.pt")
     key = {k: cfg[k] for k in ("init", "dataset", "data_root", "fraction", "num_images", "model", "img_size", "patch_size", "seed")}
     key["init_mtime"] = os.path.getmtime(cfg["init"]) if cfg["init"] else 0
-    if os.path.exists(cache) and torch.load(cache, weights_only=True)["key"] == key:
-        feats = torch.load(cache, weights_only=True)
-    else:
+    feats = torch.load(cache, weights_only=True) if os.path.exists(cache) else {}
+    if feats.get("key") != key:
         feats = {"key": key}
         transform = data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
         for split in ("train", "val"):
@@ -187,7 +186,7 @@ def main():
                                         cfg["seed"], cfg["num_images"] if split == "train" else None)
             feats[split] = extract_features(encoder, data.Augmented(images, transform), cfg["batch_size"], cfg["workers"], device)
             feats["classes"] = len(images.classes)
-        torch.save(feats, cache)
+        save_checkpoint(cache, feats)  # atomic: a probe killed while saving recomputes rather than crashes
     (train_x, train_y), (val_x, val_y), C = feats["train"], feats["val"], feats["classes"]
     if C < 2:
         sys.exit(f"error: --dataset={cfg['dataset']} has no class labels; probing needs a labelled dataset")
