@@ -203,9 +203,7 @@ def main():
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]  # layer-wise lr decay
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            targets = F.one_hot(labels, num_classes).float()
-            if mix is not None:
-                images, targets = mix(images, labels)
+            images, targets = mix(images, labels) if mix is not None else (images, F.one_hot(labels, num_classes).float())
             targets = targets * (1 - cfg["label_smoothing"]) + cfg["label_smoothing"] / num_classes
             with autocast:
                 loss = F.cross_entropy(model(images).float(), targets)

@@ -58,7 +58,7 @@ class Block(nn.Module):
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale > 0 else None
 
     def forward(self, x):
-        a, m = self.attn(self.norm1(x)), None
+        a = self.attn(self.norm1(x))
         x = x + drop_path(a if self.gamma1 is None else a * self.gamma1, self.drop_path, self.training)
         m = self.mlp(self.norm2(x))
         return x + drop_path(m if self.gamma2 is None else m * self.gamma2, self.drop_path, self.training)

@@ -262,14 +262,6 @@ def save_picture(path, model, images, masks, vocab, patch_size):
 
 # -----------------------------------------------------------------------------
 
-
-def check_config(cfg, rules):
-    """rules: (ok, message) pairs; the first broken one stops the run with its message."""
-    for ok, message in rules:
-        if not ok:
-            sys.exit(f"error: {message}")
-
-
 # Settings that may change when a run resumes; any other change needs --override_config=True.
 FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "picture_every", "compile", "device", "override_config")
 
@@ -317,7 +309,7 @@ def main():
     cfg["dtype"] = dtype
     if cfg["mask_ratio"] is None:
         cfg["mask_ratio"] = 0.5 if cfg["method"] == "splitmask" else 0.4
-    check_config(cfg, [
+    for ok, message in [  # the first broken rule stops the run with its message
         (cfg["method"] in ("splitmask", "beit"), f"--method={cfg['method']!r}: choose splitmask or beit"),
         (cfg["model"] in VIT_SIZES, f"--model={cfg['model']!r}: choose one of {list(VIT_SIZES)}"),
         (cfg["tokenizer"] in tokenizers.VOCAB_KINDS, f"--tokenizer={cfg['tokenizer']!r}: choose one of {tokenizers.VOCAB_KINDS}"),
@@ -330,7 +322,9 @@ def main():
         (cfg["vocab_size"] >= 2, f"--vocab_size={cfg['vocab_size']} must be at least 2"),
         (cfg["tokenizer"] == "random_projection" or cfg["tokenizer_samples"] >= cfg["vocab_size"],
          f"--tokenizer_samples={cfg['tokenizer_samples']} must be at least --vocab_size={cfg['vocab_size']}"),
-    ])
+    ]:
+        if not ok:
+            sys.exit(f"error: {message}")
     micro_batch = cfg["batch_size"] // (world * cfg["accum_steps"])
     if master and cfg["accum_steps"] > 1 and cfg["method"] == "splitmask" and cfg["nce_weight"] > 0:
         print(f"warning: accum_steps={cfg['accum_steps']}: InfoNCE negatives come from each micro-batch "
