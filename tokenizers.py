@@ -142,8 +142,8 @@ def sample_patches(loader, patch_size, num_patches, seed):
 
     Each image gives ceil(num_patches / images per pass) distinct random patches (all of them if the
     size is unknown), so one pass spreads the sample over every image the loader yields rather than
-    its first ones: a sharded loader is not read 8 times over while the other processes wait (only
-    the last few images may go unused). The loader restarts if one pass is not enough. The
+    its first ones: under DDP, rank 0 reads its shard once, not once per process, while the others
+    wait (only the last few images may go unused). The loader restarts if one pass is not enough. The
     seed fixes which patches are drawn; the loader's shuffling and augmentation are its own.
     """
     sampler = getattr(loader, "sampler", None)  # one pass of the loader: under DDP, this process's shard
