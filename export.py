@@ -8,9 +8,14 @@ the layout detection and segmentation codebases (detectron2 ViTDet, mmdet, mmseg
 Our ViT has no class token (everything mean-pools), so the export adds a zero `cls_token` and a zero
 first row of `pos_embed` [1, 1 + n, D], as a standard timm checkpoint has; import drops them. A
 fine-tuned classifier's pooled norm and head go to `fc_norm` and `head` (timm's global_pool='avg'
-names). qkv is packed as [3 * D, D] with (q, k, v) x heads order in both, so it copies unchanged.
-No timm import is needed either way.
+names; timm builds `norm` or `fc_norm`, never both, so it loads the backbone of such a file, not the
+whole classifier). qkv is packed as [3 * D, D] with (q, k, v) x heads order in both, so it copies unchanged.
+Layer-scale gains are folded into the layers they scale (gamma * (W x + b) = (gamma W) x + gamma b),
+because timm's vit_*_patch16_224, ViTDet and mmseg have no layer scale and drop unknown keys
+silently; the import takes `ls1.gamma`/`ls2.gamma` when a checkpoint has them (DeiT-3 style) and
+`load_encoder` fills missing gains with ones. No timm import is needed either way.
 """
+import math
 import os
 import sys
 
@@ -22,6 +27,7 @@ config = dict(ckpt="", out="", to="timm", cls_token=True)  # to: timm | ours; cl
 
 # our name -> timm name, per block (the rest of the name is kept: .weight / .bias)
 BLOCK_NAMES = {"gamma1": "ls1.gamma", "gamma2": "ls2.gamma", "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
+SCALED_BY = {"gamma1": "attn.proj", "gamma2": "mlp.2"}  # the layer whose output each gain multiplies
 TOP_NAMES = {"encoder.patch_embed": "patch_embed.proj", "encoder.norm": "norm", "fc_norm": "fc_norm", "head": "head"}
 
 
@@ -42,8 +48,12 @@ def to_timm(state, cls_token=True):
         elif name == "encoder.pos_embed":
             out["pos_embed"] = torch.cat([value.new_zeros(1, 1, value.shape[2]), value], 1)  # the class slot
             out["cls_token"] = value.new_zeros(1, 1, value.shape[2])
-        elif name.startswith("encoder.blocks."):
+        elif name.startswith("encoder.blocks.") and not name.endswith(("gamma1", "gamma2")):
             _, _, i, rest = name.split(".", 3)
+            for gain, layer in SCALED_BY.items():
+                gamma = state.get(f"encoder.blocks.{i}.{gain}")
+                if gamma is not None and rest.startswith(layer + "."):  # weight [D, in] or bias [D]
+                    value = value * (gamma[:, None] if value.dim() == 2 else gamma)
             out[f"blocks.{i}.{rename(rest, BLOCK_NAMES)}"] = value
         elif name.startswith(("encoder.patch_embed", "encoder.norm")) or (
                 name.split(".")[0] in ("fc_norm", "head") and "fc_norm.weight" in state):  # a classifier's, not the MIM head
@@ -57,9 +67,8 @@ def from_timm(state):
     inverse_block = {v: k for k, v in BLOCK_NAMES.items()}
     inverse_top = {v: k for k, v in TOP_NAMES.items()}
     for name, value in state.items():
-        if name == "pos_embed":
-            with_class = "cls_token" in state  # then the first position is the class token's
-            out["encoder.pos_embed"] = value[:, 1:] if with_class else value
+        if name == "pos_embed":  # drop the class (and register) token slots if any: patches fill a square
+            out["encoder.pos_embed"] = value[:, value.shape[1] - math.isqrt(value.shape[1]) ** 2:]
         elif name.startswith("blocks."):
             _, i, rest = name.split(".", 2)
             out[f"encoder.blocks.{i}.{rename(rest, inverse_block)}"] = value

@@ -246,6 +246,10 @@ def load_encoder(encoder, state_dict):
     heads are dropped); position embeddings are resized when the patch grid differs."""
     prefix = "encoder."
     weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    for i, block in enumerate(encoder.blocks):  # no layer scale in the checkpoint (timm, --layer_scale=0): gain 1
+        for gain in ("gamma1", "gamma2"):
+            if getattr(block, gain) is not None:
+                weights.setdefault(f"blocks.{i}.{gain}", torch.ones(encoder.dim))
     pos = weights.get("pos_embed")
     if pos is not None and pos.shape[1] != encoder.num_patches and pos.shape[2] == encoder.dim:
         side = math.isqrt(pos.shape[1])  # checkpoints come from square images

@@ -3,21 +3,20 @@ import pytest
 import torch
 
 from export import from_timm, to_timm
-from model import Classifier, ViT, load_encoder
+from model import Classifier, SplitMask, ViT, load_encoder
 
-# timm's vit_tiny_patch16_224 (D=192, 12 blocks, 14x14 patches, layer scale on): name -> shape
+# timm's vit_tiny_patch16_224 (D=192, 12 blocks, 14x14 patches, no layer scale), with a 10-class head
 D = 192
 TIMM_LAYOUT = {
     "cls_token": (1, 1, D), "pos_embed": (1, 197, D),
     "patch_embed.proj.weight": (D, 3, 16, 16), "patch_embed.proj.bias": (D,),
     **{f"blocks.{i}.{name}": shape for i in range(12) for name, shape in {
         "norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
-        "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "ls1.gamma": (D,), "norm2.weight": (D,),
-        "norm2.bias": (D,), "mlp.fc1.weight": (4 * D, D), "mlp.fc1.bias": (4 * D,), "mlp.fc2.weight": (D, 4 * D),
-        "mlp.fc2.bias": (D,), "ls2.gamma": (D,)}.items()},
-    "norm.weight": (D,), "norm.bias": (D,), "fc_norm.weight": (D,), "fc_norm.bias": (D,),
-    "head.weight": (10, D), "head.bias": (10,),
+        "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+        "mlp.fc1.weight": (4 * D, D), "mlp.fc1.bias": (4 * D,), "mlp.fc2.weight": (D, 4 * D), "mlp.fc2.bias": (D,)}.items()},
+    "norm.weight": (D,), "norm.bias": (D,), "head.weight": (10, D), "head.bias": (10,),
 }
+BACKBONE = {k: v for k, v in TIMM_LAYOUT.items() if not k.startswith("head")}  # what ViTDet / mmseg load
 
 
 def trained_like(model):
@@ -28,29 +27,70 @@ def trained_like(model):
     return model.eval()
 
 
+def shapes(state):
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
 def test_export_matches_timm_layout():
-    exported = to_timm(trained_like(Classifier(ViT("tiny", 224, 16, layer_scale=0.1), 10)).state_dict())
-    assert {k: tuple(v.shape) for k, v in exported.items()} == TIMM_LAYOUT
-    assert exported["cls_token"].abs().sum() == 0 and exported["pos_embed"][:, 0].abs().sum() == 0
+    pretrained = to_timm(SplitMask(trained_like(ViT("tiny", 224, 16, layer_scale=0.1)), 16).state_dict())
+    assert shapes(pretrained) == BACKBONE  # layer scale folded away, decoder and word head dropped
+    assert pretrained["cls_token"].abs().sum() == 0 and pretrained["pos_embed"][:, 0].abs().sum() == 0
+    finetuned = to_timm(trained_like(Classifier(ViT("tiny", 224, 16, layer_scale=0.1), 10)).state_dict())
+    assert shapes(finetuned) == {**TIMM_LAYOUT, "fc_norm.weight": (D,), "fc_norm.bias": (D,)}
+
+
+def import_into(model, timm_state):
+    """What finetune.py --init does with an imported file, plus the classifier's own fc_norm / head."""
+    state = from_timm(timm_state)
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    assert all(k.endswith(("gamma1", "gamma2")) for k in missing), missing
+    load_encoder(model.encoder, state)  # gains the file does not have become 1
+    return model.eval()
 
 
 @pytest.mark.parametrize("cls_token", [True, False])
-def test_round_trip_gives_identical_outputs(cls_token):
-    model = trained_like(Classifier(ViT("tiny", 32, 4, layer_scale=0.1), 10))
+@pytest.mark.parametrize("layer_scale", [0.0, 0.1])
+def test_round_trip_gives_identical_outputs(cls_token, layer_scale):
+    model = trained_like(Classifier(ViT("tiny", 32, 4, layer_scale=layer_scale), 10))
     exported = to_timm(model.state_dict(), cls_token)
     assert exported["pos_embed"].shape == (1, 64 + cls_token, 192) and ("cls_token" in exported) == cls_token
+    back = import_into(Classifier(ViT("tiny", 32, 4, layer_scale=layer_scale), 10), exported)
+    images = torch.randn(2, 3, 32, 32)
+    if layer_scale == 0:
+        assert torch.equal(back(images), model(images))
+    else:  # gamma folded into the weights: equal up to fp32 rounding of one product
+        torch.testing.assert_close(back(images), model(images), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(back.encoder.blocks[0].attn.proj.weight, model.encoder.blocks[0].attn.proj.weight)
+
+
+def test_import_reads_layer_scale_and_position_layouts_of_other_vits():
+    """DeiT-3 style timm files: ls*.gamma keys, and pos_embed without the class slot next to a cls_token."""
+    model = trained_like(Classifier(ViT("tiny", 32, 4, layer_scale=0.1), 10))
+    unscaled = {k: v for k, v in model.state_dict().items() if not k.endswith(("gamma1", "gamma2"))}
+    timm_state = to_timm(unscaled, cls_token=False)  # nothing folded: the gains travel as their own keys
+    timm_state["cls_token"] = torch.zeros(1, 1, 192)
+    for i, block in enumerate(model.encoder.blocks):
+        timm_state[f"blocks.{i}.ls1.gamma"], timm_state[f"blocks.{i}.ls2.gamma"] = block.gamma1, block.gamma2
     back = Classifier(ViT("tiny", 32, 4, layer_scale=0.1), 10).eval()
-    back.load_state_dict(from_timm(exported))
+    back.load_state_dict(from_timm(timm_state))
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(back(images), model(images))
 
 
 def test_pretraining_checkpoint_exports_only_the_encoder():
-    from model import SplitMask
     net = SplitMask(trained_like(ViT("tiny", 32, 4)), 16)
     exported = to_timm(net.state_dict())
     assert not any(k.startswith(("decoder", "mask", "head", "encoder")) for k in exported)
     encoder = ViT("tiny", 32, 4).eval()
-    load_encoder(encoder, from_timm(exported))
+    load_encoder(encoder, from_timm(exported))  # gains folded on the way out, set to 1 on the way in
     images = torch.randn(2, 3, 32, 32)
-    assert torch.equal(encoder(images), net.encoder.eval()(images))
+    torch.testing.assert_close(encoder(images), net.encoder.eval()(images), rtol=1e-5, atol=1e-6)
+
+
+def test_encoder_without_layer_scale_loads_into_one_with_it():
+    """A --layer_scale=0 pre-training run fine-tunes and probes (their encoders have gains): gain 1 is exact."""
+    plain = trained_like(ViT("tiny", 32, 4, layer_scale=0.0))
+    scaled = ViT("tiny", 32, 4, layer_scale=0.1).eval()
+    load_encoder(scaled, {f"encoder.{k}": v for k, v in plain.state_dict().items()})
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(scaled(images), plain(images))
