@@ -7,6 +7,7 @@ the paper's datasets from the usual folder layouts. `MaskedImages` adds the per-
 """
 import colorsys
 import os
+import signal
 import sys
 
 import numpy as np
@@ -396,7 +397,7 @@ class Augmented(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image, label = self.load(i)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-            torch.manual_seed(self.sample_seed(i))
+            torch.default_generator.manual_seed(self.sample_seed(i))  # not torch.manual_seed: it reseeds CUDA too
             return self.transform(image), label
 
 
@@ -433,6 +434,13 @@ class Sampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
+def leave_stop_signal_to_main(worker_id):
+    """A scheduler may send SIGUSR1 to every process of the job: the main process saves and exits, its
+    loader workers must not die of it. (PyTorch's workers die of a SIGTERM not sent by their parent,
+    so with --workers>0 send SIGTERM to the main process only.)"""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0, drop_last=None):
     """A DataLoader whose order is a function of (seed, epoch): call set_epoch(loader, epoch) before
     every epoch. Sharded across processes under torch.distributed (for evaluation with
@@ -444,7 +452,7 @@ def make_loader(dataset, batch_size, train=True, workers=4, seed=0, drop_last=No
         shuffle=train, seed=seed, drop_last=drop_last)
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last, persistent_workers=workers > 0,
+        drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=leave_stop_signal_to_main,
         generator=torch.Generator().manual_seed(seed))  # worker seeds: not drawn from the global RNG
 
 

@@ -298,6 +298,7 @@ def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_s
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    # x micro-batches: the caller divides every entry by the micro-batches it summed, the norm included
     return torch.cat([stats, grad_norm.detach().float().view(1) * len(micro_batches)])
 
 
@@ -325,6 +326,12 @@ def main():
     ]:
         if not ok:
             sys.exit(f"error: {message}")
+    # Preemption (SLURM and most schedulers send SIGTERM or SIGUSR1 first): finish the step, save, exit.
+    # Installed before any work: a signal during the vocabulary pass is kept, not fatal.
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
     micro_batch = cfg["batch_size"] // (world * cfg["accum_steps"])
     if master and cfg["accum_steps"] > 1 and cfg["method"] == "splitmask" and cfg["nce_weight"] > 0:
         print(f"warning: accum_steps={cfg['accum_steps']}: InfoNCE negatives come from each micro-batch "
@@ -386,7 +393,7 @@ def main():
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=cfg["method"] == "splitmask" and cfg["mim_weight"] == 0)
-    peak_flops, peak_timed = measure_peak_flops(device, dtype) if master else 1.0, time.perf_counter()
+    peak_flops, peak_timed = (measure_peak_flops(device, dtype) if master else 1.0), time.perf_counter()
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if master else None
     if master:
         log.write(json.dumps({"config": cfg, "world": world, "params": sum(p.numel() for p in raw_model.parameters())}) + "\n")
@@ -398,11 +405,6 @@ def main():
         if master:
             save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                                             config=cfg, vocab=vocab.cpu(), scaler=scaler.state_dict() if scaler else {}, rng=rng))
-
-    # Preemption (SLURM and most schedulers send SIGTERM or SIGUSR1 first): finish the step, save, exit.
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -419,7 +421,7 @@ def main():
                 group["lr"] = lr * group["lr_scale"]
             micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)[:2]] for _ in range(cfg["accum_steps"])]
             if picture_batch is None:
-                picture_batch = [t[:8] for t in micro_batches[0]]
+                picture_batch = [t[:8].clone() for t in micro_batches[0]]  # a copy: a view would keep the batch
             sums = sums + train_step(model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"],
                                      cfg["clip_grad"], torch.bfloat16 if dtype == "bfloat16" else torch.float32)
             count += cfg["accum_steps"]
