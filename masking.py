@@ -23,16 +23,16 @@ def _allowed_cells(grid, num_masked, allowed):
     return allowed
 
 
-def block_mask(grid, num_masked, rng, min_block=16, max_block=None, min_aspect=0.3, attempts=10,
+def block_mask(grid, num_masked, rng, min_block=16, max_block=75, min_aspect=0.3, attempts=10,
                allowed=None):
-    """BEiT block masking (BEiT, Bao et al. 2021, Alg. 1), topped up to exactly num_masked cells."""
+    """BEiT block masking (BEiT, Bao et al. 2021, Alg. 1), topped up to exactly num_masked cells.
+    Blocks cover 16 to 75 patches, as in the paper (on small grids: at most what is left to mask)."""
     h, w = grid
     allowed = _allowed_cells(grid, num_masked, allowed)
     if num_masked == allowed.sum():  # every allowed cell is needed: nothing left to choose
         return allowed.copy()
     can_mask = allowed.reshape(h, w)
     mask = np.zeros((h, w), dtype=bool)
-    max_block = num_masked if max_block is None else max_block
     log_aspect = math.log(min_aspect), -math.log(min_aspect)
     count = 0
     while count < num_masked:
@@ -89,8 +89,9 @@ def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
     """Visible patch indices of SplitMask's branches A and B: int64 [2, k], rows sorted ascending.
 
     Each branch hides mask_ratio of the n patches, so sees k = round(n * (1 - mask_ratio)). At 0.5
-    (the paper's default) B is exactly A's complement. Above 0.5 (e.g. 0.75, for small datasets)
-    the branches see disjoint k-patch subsets; the rest is seen by neither, predicted by both.
+    (the paper's default) B is exactly A's complement when n is even (odd n: one patch is seen by
+    neither). Above 0.5 (e.g. 0.75, for small datasets) the branches see disjoint k-patch subsets;
+    the rest is seen by neither and not predicted (each branch predicts the other's patches).
     Equal k lets both branches run as one batch of 2B sequences of length k.
     """
     if not 0.5 <= mask_ratio < 1:
@@ -107,7 +108,7 @@ def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
 
 
 def beit_mask(grid, mask_ratio, rng, kind="block", min_block=16):
-    """Masked positions (flat bool) for the BEiT baseline; BEiT hides about 40% (75 of 196)."""
+    """Masked positions (flat bool) for the BEiT baseline; BEiT hides 75 of 196 patches, our default 0.4 hides 78."""
     if not 0 < mask_ratio < 1:
         raise ValueError(f"BEiT mask_ratio must be in (0, 1), got {mask_ratio}")
     h, w = grid

@@ -175,7 +175,8 @@ def main():
 
     # features, cached: the probes below cost little more than this one pass
     cache = os.path.join(cfg["out_dir"], "features.pt")
-    key = {k: cfg[k] for k in ("init", "dataset", "data_root", "fraction", "num_images", "model", "img_size", "patch_size", "seed")}
+    key = {k: cfg[k] for k in ("init", "dataset", "data_root", "fraction", "num_images", "model", "img_size",
+                               "patch_size", "crop_ratio", "seed")}
     key["init_mtime"] = os.path.getmtime(cfg["init"]) if cfg["init"] else 0
     feats = torch.load(cache, weights_only=True) if os.path.exists(cache) else {}
     if feats.get("key") != key:
