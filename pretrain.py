@@ -246,8 +246,9 @@ def save_picture(path, model, images, masks, vocab, patch_size):
         for seen, other, pred in predictions:  # none when the MIM head is off (split + match)
             words = tokens.clone().scatter_(1, other, pred)
             painted = tokenizers.render(words, vocab, grid, patch_size) * scale
-            kept, m = patches_only(seen)
-            rows.append(kept + painted * (1 - m))
+            # its own pixels where it looked, its predicted words where the other branch looked;
+            # patches neither branch saw (75% masking, odd n) are not predicted and stay grey
+            rows.append(patches_only(seen)[0] + painted * patches_only(other)[1])
     else:  # beit: masked [B, m]
         words = tokens.clone().scatter_(1, masks, out["pred_ids"])
         painted = tokenizers.render(words, vocab, grid, patch_size) * scale
