@@ -8,12 +8,13 @@ the layout detection and segmentation codebases (detectron2 ViTDet, mmdet, mmseg
 Our ViT has no class token (everything mean-pools), so the export adds a zero `cls_token` and a zero
 first row of `pos_embed` [1, 1 + n, D], as a standard timm checkpoint has; import drops them. A
 fine-tuned classifier's pooled norm and head go to `fc_norm` and `head` (timm's global_pool='avg'
-names; timm builds `norm` or `fc_norm`, never both, so it loads the backbone of such a file, not the
-whole classifier). qkv is packed as [3 * D, D] with (q, k, v) x heads order in both, so it copies unchanged.
-Layer-scale gains are folded into the layers they scale (gamma * (W x + b) = (gamma W) x + gamma b),
-because timm's vit_*_patch16_224, ViTDet and mmseg have no layer scale and drop unknown keys
-silently; the import takes `ls1.gamma`/`ls2.gamma` when a checkpoint has them (DeiT-3 style) and
-`load_encoder` fills missing gains with ones. No timm import is needed either way.
+names; timm builds `norm` or `fc_norm`, never both, so it loads the backbone of such a file, not
+the whole classifier). qkv is packed as [3 * D, D] with (q, k, v) x heads order in both, so it
+copies unchanged. Layer-scale gains are folded into the layers they scale
+(gamma * (W x + b) = (gamma W) x + gamma b), because timm's vit_*_patch16_224, ViTDet and mmseg
+have no layer scale and drop unknown keys silently; the import takes `ls1.gamma`/`ls2.gamma` when a
+checkpoint has them (DeiT-3 style) and `load_encoder` fills missing gains with ones. No timm import
+is needed either way.
 """
 import math
 import os

@@ -26,7 +26,7 @@ def _allowed_cells(grid, num_masked, allowed):
 def block_mask(grid, num_masked, rng, min_block=16, max_block=75, min_aspect=0.3, attempts=10,
                allowed=None):
     """BEiT block masking (BEiT, Bao et al. 2021, Alg. 1), topped up to exactly num_masked cells.
-    Blocks cover 16 to 75 patches, as in the paper (on small grids: at most what is left to mask)."""
+    Blocks cover min_block to max_block patches (the paper: 16 to 75), at most what is left to mask."""
     h, w = grid
     allowed = _allowed_cells(grid, num_masked, allowed)
     if num_masked == allowed.sum():  # every allowed cell is needed: nothing left to choose
