@@ -28,7 +28,7 @@ import data
 import tokenizers
 from masking import beit_mask, split_patches
 from model import BEiT, SplitMask, ViT, info_nce, info_nce_reference, param_groups
-from pretrain import autocast_setup, parse_config, train_step
+from pretrain import autocast_setup, keep_freed_memory, parse_config, train_step
 
 config = dict(
     device="auto",
@@ -194,6 +194,8 @@ def main():
     cfg["batch_size"] = cfg["batch_size"] or (256 if device.type == "cuda" else 16)
     dtype, autocast, _ = autocast_setup(cfg["dtype"], device)
     cfg["dtype"] = dtype
+    if device.type == "cpu":
+        keep_freed_memory()  # as pretrain.py
     rows = []
 
     def row(name, value, note=""):
