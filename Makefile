@@ -28,6 +28,8 @@ bench: $(VENV)/installed
 CIFAR10    ?= ../shared/data/cifar10
 IMAGENETTE ?= ../shared/data/imagenette2
 EXP        ?= out/exp
+# The README's rows were measured in fp32; DTYPE=auto trains in bf16 where the hardware has it.
+DTYPE      ?= float32
 DATA_cifar10     = --dataset=cifar10 --data_root=$(CIFAR10) --fraction=0.2 --model=tiny --img_size=32 --patch_size=4
 DATA_imagenette  = --dataset=imagenette --data_root=$(IMAGENETTE) --model=tiny --img_size=112 --patch_size=16
 PRETRAIN_cifar10    = --epochs=8 --batch_size=128 --blr=1.5e-2 --warmup_epochs=1 --vocab_size=1024 --tokenizer_samples=200000 --min_block=4
@@ -58,10 +60,10 @@ INIT    = $(if $(filter $(ROW),$(NO_PRETRAINING)),,--init=$(ROW_DIR)/pretrain/ck
 
 row: $(VENV)/installed
 	$(if $(filter $(ROW),$(NO_PRETRAINING)),,$(PY) pretrain.py $(DATA_$(DATASET)) $(PRETRAIN_$(DATASET)) $(ROW_$(ROW)) \
-		--workers=1 --log_every=20 --out_dir=$(ROW_DIR)/pretrain)
+		--dtype=$(DTYPE) --workers=1 --log_every=20 --out_dir=$(ROW_DIR)/pretrain)
 	$(PY) probe.py $(DATA_$(DATASET)) $(SEED_$(ROW)) $(INIT) --workers=1 --out_dir=$(ROW_DIR)/probe
 	$(if $(filter tok_%,$(ROW)),,$(PY) finetune.py $(DATA_$(DATASET)) $(FINETUNE_$(DATASET)) $(SEED_$(ROW)) \
-		$(FINETUNE_ROW_$(ROW)) $(INIT) --workers=1 --out_dir=$(ROW_DIR)/finetune)
+		$(FINETUNE_ROW_$(ROW)) $(INIT) --dtype=$(DTYPE) --workers=1 --out_dir=$(ROW_DIR)/finetune)
 
 exp-%: $(VENV)/installed
 	for row in $(ROWS); do $(MAKE) --no-print-directory row DATASET=$* ROW=$$row || exit 1; done
