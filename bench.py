@@ -1,9 +1,9 @@
 """
 Speed of the real training step, as ratios measured in one run (they hold on noisy shared machines).
 
-    python bench.py                                    # CPU: ViT-S/16 at 224, bf16 where supported
+    python bench.py                                    # ViT-S/16 at 224 px: float32 on a CPU, bfloat16 on a GPU
     python bench.py --device=cuda --model=base --batch_size=256 --compile=True
-    python bench.py --data=../shared/data/imagenette2  # adds the data-loading rows
+    python bench.py --data=data/imagenette2            # adds the data-loading rows
 
 Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MFU against a dense
 matmul; SplitMask vs BEiT (time ratio next to FLOP ratio); our ViT vs a stack of
@@ -24,26 +24,27 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import common
 import data
 import tokenizers
 from masking import beit_mask, split_patches
 from model import BEiT, SplitMask, ViT, info_nce, info_nce_reference, param_groups
-from pretrain import autocast_setup, keep_freed_memory, parse_config, train_step
+from pretrain import train_step
 
 config = dict(
-    device="auto",
-    dtype="auto",  # bfloat16 where supported, else float32 (as pretrain.py)
-    model="small",
-    img_size=224,
-    patch_size=16,
-    batch_size=0,  # 0: 16 on CPU, 256 on GPU
-    vocab_size=8192,
-    warmup=2,
-    steps=5,  # timed rounds; each reports its fastest
-    compile=False,
+    device="auto",  # auto (a GPU if there is one) | cpu | cuda
+    dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
+    model="small",  # ViT size: tiny | small | base | large
+    img_size=224,  # image size, in pixels
+    patch_size=16,  # patch side, in pixels
+    batch_size=0,  # images per step; 0: 16 on a CPU, 256 on a GPU
+    vocab_size=8192,  # visual words
+    warmup=2,  # untimed calls of each function first
+    steps=5,  # timed rounds; each function reports its fastest
+    compile=False,  # torch.compile the models
     nce_sizes="256,1024,4096,8192,16384",  # global batch sizes for the InfoNCE rows ("" skips them)
-    data="",  # a folder of JPEGs (e.g. ../shared/data/imagenette2) for the loading rows
-    out="out/bench.json",
+    data="",  # a folder of JPEGs (e.g. data/imagenette2) for the loading rows
+    out="out/bench.json",  # the rows as JSON
 )
 # Dense bf16 datasheet peaks (FLOP/s), for the GPU MFU against the vendor's number.
 DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -87,7 +88,8 @@ def training_step(cfg, device, autocast, method, images, vocab):
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     masks = random_masks(method, encoder.grid, cfg["batch_size"]).to(device)
     net = torch.compile(model) if cfg["compile"] else model
-    step = lambda: train_step(net, optimizer, None, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0,
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    step = lambda: train_step(net, optimizer, scaler, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0,
                               torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32)
     return step, model.flops_per_image(0.5 if method == "splitmask" else 0.4)
 
@@ -189,13 +191,10 @@ def machine(device):
 
 
 def main():
-    cfg = parse_config(config, None, sys.argv[1:])
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg["device"] == "auto" else cfg["device"])
+    cfg, _ = common.configure(config, __doc__, __file__)
+    device, autocast, _ = common.setup(cfg)  # as pretrain.py
     cfg["batch_size"] = cfg["batch_size"] or (256 if device.type == "cuda" else 16)
-    dtype, autocast, _ = autocast_setup(cfg["dtype"], device)
-    cfg["dtype"] = dtype
-    if device.type == "cpu":
-        keep_freed_memory()  # as pretrain.py
+    dtype = cfg["dtype"]
     rows = []
 
     def row(name, value, note=""):

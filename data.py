@@ -18,125 +18,97 @@ from torchvision import transforms
 
 from masking import beit_mask, split_patches
 
-# ----------------------------------------------------------------------------- synthetic shapes
+# ----------------------------------------------------------------------------- built-in scenes
+
+def _fit(points):
+    """An outline centred and scaled to fit the unit disc."""
+    points = np.asarray(points, dtype=float)
+    points = points - (points.min(0) + points.max(0)) / 2
+    return points / np.linalg.norm(points, axis=1).max()
 
 
-def _polygon(radii):
-    """Outline with radius radii[i] at angle 2*pi*i/len(radii): regular polygons and stars."""
+def _polygon(radii):  # radius radii[i] at angle 2*pi*i/len(radii): regular polygons and stars
     t = 2 * np.pi * np.arange(len(radii)) / len(radii)
     return np.stack([np.cos(t), np.sin(t)], 1) * np.asarray(radii, dtype=float)[:, None]
 
 
-def _arc(cx, r, start, stop, n=24):
-    """n points on the circle of centre (cx, 0) and radius r, from angle start to stop (degrees)."""
+def _arc(cx, r, start, stop, n=24):  # n points on the circle of centre (cx, 0), angles in degrees
     t = np.radians(np.linspace(start, stop, n))
     return np.stack([cx + r * np.cos(t), r * np.sin(t)], 1)
 
 
 _t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-# Each shape is an outline in unit coordinates (it fits in the unit disc), except the ring.
-OUTLINES = {
-    "circle": _polygon(np.ones(48)),
-    "square": _polygon(np.full(4, 1.0)),
-    "triangle": _polygon(np.ones(3)),
+SHAPES = {name: None if outline is None else _fit(outline) for name, outline in {  # class c draws shape c
+    "circle": _polygon(np.ones(48)), "square": _polygon(np.ones(4)), "triangle": _polygon(np.ones(3)),
     "star": _polygon([1.0, 0.4] * 5),
-    "cross": 0.95 * np.array([[1, .3], [.3, .3], [.3, 1], [-.3, 1], [-.3, .3], [-1, .3], [-1, -.3],
-                              [-.3, -.3], [-.3, -1], [.3, -1], [.3, -.3], [1, -.3]]),
-    "ring": None,  # drawn as a thick circle outline, so the background shows through the hole
-    # Unit disc minus a disc of radius 0.8 centred at (0.6, 0); the two circles meet at (0.6, ±0.8).
-    "crescent": np.concatenate([_arc(0, 1, 53.13, 306.87), _arc(0.6, 0.8, 270, 90)]),
+    "cross": 0.95 * np.array([[1, .3], [.3, .3], [.3, 1], [-.3, 1], [-.3, .3], [-1, .3], [-1, -.3], [-.3, -.3],
+                              [-.3, -1], [.3, -1], [.3, -.3], [1, -.3]]),
+    "ring": None,  # a thick circle outline: the background shows through the hole
+    "crescent": np.concatenate([_arc(0, 1, 53.13, 306.87), _arc(0.6, 0.8, 270, 90)]),  # disc minus a disc
     "half-disc": _arc(0, 1, 0, 180),
-    "arrow": np.array([[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3],
-                       [0.1, -0.75]]),
+    "arrow": [[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3], [0.1, -0.75]],
     "heart": np.stack([np.sin(_t) ** 3, -(13 * np.cos(_t) - 5 * np.cos(2 * _t) - 2 * np.cos(3 * _t)
-                                         - np.cos(4 * _t)) / 16], 1),
-}
-for _kind, _points in OUTLINES.items():  # centre each outline and scale it to fit the unit disc
-    if _points is not None:
-        _points = _points - (_points.min(0) + _points.max(0)) / 2
-        OUTLINES[_kind] = _points / np.linalg.norm(_points, axis=1).max()
-KINDS = list(OUTLINES)
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-
-
-def _scheme_colour(rng, hue):
-    """An RGB colour of the given hue (0-1) with random saturation and brightness, as float32 [3]."""
-    return np.array(colorsys.hsv_to_rgb(hue % 1, rng.uniform(0.5, 1), rng.uniform(0.5, 1)), np.float32) * 255
-
-
-def _background(rng, size, c1, c2):
-    """A textured background between colours c1 and c2: a float32 [size, size, 3] array in [0, 255]."""
-    kind = rng.integers(3)
-    if kind == 0:  # smooth blobs: a few random mixes of the two colours per side, upsampled
-        cells = rng.integers(2, 6)
-        t = rng.uniform(0, 1, (cells, cells, 1))
-        blobs = Image.fromarray((c1 + t * (c2 - c1)).astype(np.uint8))
-        return np.asarray(blobs.resize((size, size), Image.BILINEAR), dtype=np.float32)
-    x = np.arange(size, dtype=np.float32) / size
-    angle = rng.uniform(0, 2 * np.pi)
-    along = np.cos(angle) * x + np.sin(angle) * x[:, None]  # [size, size]: position along a direction
-    if kind == 1:  # linear gradient between the two colours
-        t = (along - along.min()) / (along.max() - along.min())
-    else:  # soft stripes, period between 1/12 and 1/3 of the image
-        t = 0.5 + 0.5 * np.sin(2 * np.pi * along * rng.uniform(3, 12) + rng.uniform(0, 2 * np.pi))
-    return c1 + t[..., None].astype(np.float32) * (c2 - c1)
+                                         - np.cos(4 * _t)) / 16], 1)}.items()}
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """Procedural scenes: a textured background, 3-6 shapes of one kind and a small distractor.
+    """The built-in data: scenes drawn on the fly, so everything runs on a fresh machine.
 
-    Class c is a kind of shape (circle, square, ...) in a colour scheme of two complementary hues,
-    c/20 and c/20 + 1/2 of the colour wheel; saturation, brightness, sizes, positions, rotations and
-    textures are random. Complementary colours average to grey, so the mean colour of an image
-    says little about its class (a random-init ViT probes near chance): a model must learn which
-    colours and outlines occur together. Both halves of a scene show its class, as SplitMask's
-    matching needs. Image i is drawn from np.random.default_rng((seed, split, i)): the same on
-    every machine and in every epoch.
+    Class c is a kind of shape (circle, square, ...) in two complementary hues, c/20 and c/20 + 1/2 of
+    the colour wheel: 3-6 such shapes and a small distractor of any kind and colour on a textured
+    background of the same hues. Complementary colours average to grey, so an image's mean colour
+    says little about its class: a model must learn which colours and outlines go together. Both
+    halves of a scene show its class, as SplitMask's matching needs. Image i of a split is drawn from
+    np.random.default_rng((seed, split, i)): the same on every machine and in every epoch.
     """
 
-    def __init__(self, num_images=2000, img_size=32, split="train", seed=0, num_classes=10):
-        if not 1 <= num_classes <= len(OUTLINES):
-            raise ValueError(f"num_classes must be in 1..{len(OUTLINES)}, got {num_classes}")
-        if split not in SPLIT_IDS:
-            raise ValueError(f"split must be one of {list(SPLIT_IDS)}, got {split!r}")
+    def __init__(self, num_images=2000, img_size=32, split="train", seed=0):
         self.num_images, self.img_size, self.seed = num_images, img_size, seed
-        self.split_id = SPLIT_IDS[split]
-        self.classes = KINDS[:num_classes]
-        # Labels cycle with the index, so every split is exactly class-balanced.
-        self.targets = [i % num_classes for i in range(num_images)]
+        self.split_id = ("train", "val", "test").index(split)
+        self.classes = list(SHAPES)
+        self.targets = [i % len(SHAPES) for i in range(num_images)]  # every split exactly class-balanced
 
     def __len__(self):
         return self.num_images
 
     def __getitem__(self, i):
-        rng = np.random.default_rng((self.seed, self.split_id, i))
-        label = self.targets[i]
+        rng, label = np.random.default_rng((self.seed, self.split_id, i)), self.targets[i]
         hues = (label / 20, label / 20 + 0.5)
-        big = 2 * self.img_size  # draw at twice the size, then average 2x2 pixels: antialiasing
-        ends = [_scheme_colour(rng, h) for h in rng.permutation(hues)]
-        background = _background(rng, self.img_size, *ends)
-        # Nearest 2x upsampling: the final 2x2 averaging gives the background back exactly.
-        image = Image.fromarray(background.astype(np.uint8)).resize((big, big), Image.NEAREST)
+        colour = lambda hue: np.float32(colorsys.hsv_to_rgb(hue % 1, rng.uniform(0.5, 1), rng.uniform(0.5, 1))) * 255
+        ends = [colour(h) for h in rng.permutation(hues)]
+        big = 2 * self.img_size  # drawn at twice the size, then 2x2 pixels averaged: antialiasing
+        image = Image.fromarray(self._background(rng, *ends).astype(np.uint8)).resize((big, big), Image.NEAREST)
         draw = ImageDraw.Draw(image)
-        # Shapes are (kind, radius, centre, colour): 3-6 of the label's kind with radii of 14-26%
-        # of the width, and one distractor of any kind and colour at 8-12%, in a random order.
-        shapes = [(label, rng.uniform(0.14, 0.26) * big, rng.uniform(0, big, 2), _scheme_colour(rng, rng.choice(hues)))
+        # 3-6 shapes of the label's kind, radii 14-26% of the width; one distractor at 8-12%; random order
+        shapes = [(label, rng.uniform(0.14, 0.26) * big, rng.uniform(0, big, 2), colour(rng.choice(hues)))
                   for _ in range(rng.integers(3, 7))]
-        distractor = (rng.integers(len(KINDS)), rng.uniform(0.08, 0.12) * big, rng.uniform(0, big, 2), rng.uniform(0, 255, 3))
+        distractor = (rng.integers(len(SHAPES)), rng.uniform(0.08, 0.12) * big, rng.uniform(0, big, 2),
+                      rng.uniform(0, 255, 3))
         shapes.insert(rng.integers(len(shapes) + 1), distractor)
-        for kind, r, centre, colour in shapes:
-            self._draw_shape(draw, KINDS[kind], r, centre, rng.uniform(0, 2 * np.pi), tuple(colour.astype(int).tolist()))
+        for kind, radius, centre, rgb in shapes:
+            angle, fill = rng.uniform(0, 2 * np.pi), tuple(rgb.astype(int).tolist())
+            if self.classes[kind] == "ring":
+                draw.ellipse([*(centre - radius), *(centre + radius)], outline=fill, width=max(1, round(0.4 * radius)))
+            else:
+                rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+                draw.polygon([tuple(p) for p in SHAPES[self.classes[kind]] @ rotation.T * radius + centre], fill=fill)
         return image.reduce(2), label
 
-    @staticmethod
-    def _draw_shape(draw, kind, radius, centre, angle, colour):
-        if kind == "ring":
-            box = [*(centre - radius), *(centre + radius)]
-            draw.ellipse(box, outline=colour, width=max(1, round(0.4 * radius)))
-            return
-        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        points = OUTLINES[kind] @ rotation.T * radius + centre
-        draw.polygon([tuple(p) for p in points], fill=colour)
+    def _background(self, rng, c1, c2):
+        """Blobs, a linear gradient or soft stripes between colours c1 and c2: float32 [size, size, 3]."""
+        size, kind = self.img_size, rng.integers(3)
+        if kind == 0:  # a few random mixes of the two colours per side, upsampled
+            cells = rng.integers(2, 6)
+            blobs = Image.fromarray((c1 + rng.uniform(0, 1, (cells, cells, 1)) * (c2 - c1)).astype(np.uint8))
+            return np.asarray(blobs.resize((size, size), Image.BILINEAR), dtype=np.float32)
+        x = np.arange(size, dtype=np.float32) / size
+        angle = rng.uniform(0, 2 * np.pi)
+        along = np.cos(angle) * x + np.sin(angle) * x[:, None]  # position along a direction
+        if kind == 1:
+            t = (along - along.min()) / (along.max() - along.min())
+        else:  # period between 1/12 and 1/3 of the image
+            t = 0.5 + 0.5 * np.sin(2 * np.pi * along * rng.uniform(3, 12) + rng.uniform(0, 2 * np.pi))
+        return c1 + t[..., None].astype(np.float32) * (c2 - c1)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -202,47 +174,31 @@ SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test":
 LABELLED_FOLDERS = ("imagefolder", "imagenette", "imagenet", "inat2018", "inat2019", "food101", "cars",
                     "clipart", "painting", "sketch")
 DATASETS = ("synthetic", *LABELLED_FOLDERS, "cifar10", "cifar100", "folder", "coco", "ade20k")
-IMAGE_FOLDER = "the ImageFolder layout <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg"
-# What each dataset's root must hold, and where to get it, for the error messages.
-LAYOUTS = {
-    "imagefolder": IMAGE_FOLDER + " (val/ may be named validation/ or test/).",
-    "imagenette": IMAGE_FOLDER + ". Download imagenette2.tgz from https://github.com/fastai/imagenette: "
-                  "it unpacks to exactly that.",
-    "imagenet": IMAGE_FOLDER + ". Download ILSVRC-2012 from https://image-net.org: train/ comes in class "
-                "folders; sort val/ into class folders with the devkit's labels.",
-    "food101": IMAGE_FOLDER + ". Download https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/ and move "
-               "the files listed in meta/train.txt and meta/test.txt from images/<class>/ to train/ and val/.",
-    "cars": IMAGE_FOLDER + ". Download Stanford Cars (https://ai.stanford.edu/~jkrause/cars/car_dataset.html "
-            "or a mirror) and sort cars_train/ and cars_test/ into class folders with the devkit's labels.",
-    "cifar10": "<root>/cifar-10-batches-py/ (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)"
-               ", or " + IMAGE_FOLDER + ".",
-    "cifar100": "<root>/cifar-100-python/ (the python version from https://www.cs.toronto.edu/~kriz/cifar.html)"
-                ", or " + IMAGE_FOLDER + ".",
-    "folder": "image files anywhere under <root> (or under <root>/train/ and <root>/val/ if they exist).",
-    "coco": "<root>/train2017/*.jpg and <root>/val2017/*.jpg: train2017.zip and val2017.zip from "
-            "https://cocodataset.org/#download unpack to exactly that.",
-    "ade20k": "<root>/images/training/*.jpg and <root>/images/validation/*.jpg: ADEChallengeData2016.zip from "
-              "http://sceneparsing.csail.mit.edu unpacks to exactly that.",
-}
-for _year in ("2018", "2019"):
-    LAYOUTS["inat" + _year] = (IMAGE_FOLDER + f". Download iNaturalist {_year} from https://github.com/visipedia/"
-                               f"inat_comp and link each image listed in train{_year}.json / val{_year}.json into "
-                               "train/<category_id>/ or val/<category_id>/.")
-for _domain in ("clipart", "painting", "sketch"):
-    LAYOUTS[_domain] = (IMAGE_FOLDER + f". Download DomainNet's {_domain}.zip from http://ai.bu.edu/M3SDA/ and move "
-                        f"the files listed in {_domain}_train.txt / {_domain}_test.txt from {_domain}/<class>/ "
-                        "to train/ and val/.")
+# Training images of the paper's datasets (Table 1 and its appendix), for the quick recipe's share.
+TRAIN_IMAGES = dict(imagenet=1_281_167, inat2018=437_513, inat2019=265_240, coco=118_287, food101=75_750,
+                    painting=52_867, cifar10=50_000, cifar100=50_000, sketch=49_115, clipart=34_019,
+                    ade20k=20_210, imagenette=9_469, cars=8_144)
+# What a dataset's root must hold (the README's datasets table says where to get each).
+IMAGE_FOLDER = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (the ImageFolder layout)"
+LAYOUTS = {"folder": "image files anywhere under <root> (or under <root>/train/ and <root>/val/)",
+           "coco": "<root>/train2017/*.jpg and <root>/val2017/*.jpg",
+           "ade20k": "<root>/images/training/*.jpg and <root>/images/validation/*.jpg",
+           "cifar10": "<root>/cifar-10-batches-py/ (the python version), or " + IMAGE_FOLDER,
+           "cifar100": "<root>/cifar-100-python/ (the python version), or " + IMAGE_FOLDER}
+
+
+def quick_fraction(name):
+    """The share of a dataset's training images that makes about 10,000: a laptop-sized run."""
+    return round(min(1.0, 10_000 / TRAIN_IMAGES.get(name, 10_000)), 3)
 
 
 def _split_dir(root, split):
-    for name in SPLIT_DIRS[split]:
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    return None
+    return next((os.path.join(root, d) for d in SPLIT_DIRS[split] if os.path.isdir(os.path.join(root, d))), None)
 
 
 def _missing(name, problem):
-    return FileNotFoundError(f"{name}: {problem}. Expected {LAYOUTS[name]}")
+    return FileNotFoundError(f"--dataset={name}: {problem}. Expected {LAYOUTS.get(name, IMAGE_FOLDER)}; "
+                             "the README's datasets table says where to get it")
 
 
 def image_folder(root, split, name="imagefolder"):
@@ -281,18 +237,15 @@ def pick_fraction(dataset, fraction, seed):
 
 
 def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_images=None):
-    """A dataset of (PIL RGB image, int label) by name; `fraction` < 1 keeps a class-balanced part."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    if split not in SPLIT_DIRS:
-        raise ValueError(f"split must be one of {list(SPLIT_DIRS)}, got {split!r}")
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    """A dataset of (PIL RGB image, int label) by name; `fraction` < 1 keeps a class-balanced part.
+    Raises FileNotFoundError naming the layout expected when root does not hold the dataset."""
+    assert name in DATASETS and split in SPLIT_DIRS and 0 < fraction <= 1, (name, split, fraction)
     if name == "synthetic":  # root is ignored: the images are drawn on the fly
-        num_images = num_images or (2000 if split == "train" else 500)
-        dataset = SyntheticShapes(num_images, img_size, split, seed)
-    elif not root or not os.path.isdir(root):
-        raise _missing(name, f"the dataset root {root!r} is not a folder")
+        dataset = SyntheticShapes(num_images or (2000 if split == "train" else 500), img_size, split, seed)
+    elif not root:
+        raise _missing(name, "it needs --data_root=<its folder>")
+    elif not os.path.isdir(root):
+        raise _missing(name, f"--data_root={root} is not a folder")
     elif name in LABELLED_FOLDERS:
         dataset = image_folder(root, split, name)
     elif name in ("cifar10", "cifar100"):
@@ -374,7 +327,7 @@ class Augmented(torch.utils.data.Dataset):
         self.classes = getattr(dataset, "classes", [])
         self.epoch = torch.zeros((), dtype=torch.long).share_memory_()
         self.unreadable = torch.zeros((), dtype=torch.long).share_memory_()  # this epoch, all workers
-        self.warned = set()
+        self.warned = set()  # in this process: a file is named once per run, not once per epoch
 
     def __len__(self):
         return len(self.dataset)
@@ -383,12 +336,13 @@ class Augmented(torch.utils.data.Dataset):
         return int(np.random.SeedSequence((self.seed, int(self.epoch), i)).generate_state(1)[0])
 
     def load(self, i):
-        """dataset[i]; an unreadable image is counted, warned about once, and replaced by the next one."""
+        """dataset[i]; an unreadable image is replaced by the next readable one. It is counted where it is
+        sample i itself (so once per epoch, whatever replaces what) and named in a warning once."""
         for j in range(i, i + 100):
             try:
                 return self.dataset[j % len(self.dataset)]
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                self.unreadable += 1
+                self.unreadable += j == i
                 if j not in self.warned:
                     self.warned.add(j)
                     print(f"warning: skipping unreadable image {j}: {e}", file=sys.stderr)
@@ -407,8 +361,6 @@ class MaskedImages(Augmented):
 
     def __init__(self, dataset, transform, grid, method="splitmask", mask_ratio=0.5, mask_kind="block",
                  min_block=16, seed=0):
-        if method not in ("splitmask", "beit"):
-            raise ValueError(f"method must be 'splitmask' or 'beit', got {method!r}")
         super().__init__(dataset, transform, seed)
         self.method, self.grid = method, (grid, grid) if isinstance(grid, int) else tuple(grid)
         self.mask_ratio, self.mask_kind, self.min_block = mask_ratio, mask_kind, min_block
@@ -435,10 +387,11 @@ class Sampler(torch.utils.data.DistributedSampler):
 
 
 def leave_stop_signal_to_main(worker_id):
-    """A scheduler may send SIGUSR1 to every process of the job: the main process saves and exits, its
-    loader workers must not die of it. (PyTorch's workers die of a SIGTERM not sent by their parent,
-    so with --workers>0 send SIGTERM to the main process only.)"""
+    """Ctrl-C and a scheduler's SIGUSR1 reach every process of the job: the main process saves and exits,
+    its loader workers must not die of them. (PyTorch's workers die of a SIGTERM not sent by their
+    parent, so with --workers>0 send SIGTERM to the main process only.)"""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0, drop_last=None):

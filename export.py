@@ -18,13 +18,18 @@ is needed either way.
 """
 import math
 import os
-import sys
 
 import torch
 
-from pretrain import load_checkpoint, parse_config, save_checkpoint
+import common
+from model import VIT_SIZES
 
-config = dict(ckpt="", out="", to="timm", cls_token=True)  # to: timm | ours; cls_token=False: timm class_token=False
+config = dict(
+    ckpt="",  # the file to convert: a pretrain.py or finetune.py checkpoint, or (--to=ours) a timm-layout state dict
+    out="",  # where to write the converted file
+    to="timm",  # timm (ours -> timm keys) | ours (timm keys -> a checkpoint that --init reads)
+    cls_token=True,  # timm export: add a zero class token (False: for timm's class_token=False models)
+)
 
 # our name -> timm name, per block (the rest of the name is kept: .weight / .bias)
 BLOCK_NAMES = {"gamma1": "ls1.gamma", "gamma2": "ls2.gamma", "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
@@ -78,19 +83,32 @@ def from_timm(state):
     return out
 
 
+def architecture(state):
+    """The config a converted timm file needs to be self-describing: model size, patch and image size."""
+    dim, patch = state["encoder.patch_embed.weight"].shape[0], state["encoder.patch_embed.weight"].shape[-1]
+    depth = 1 + max(int(key.split(".")[2]) for key in state if key.startswith("encoder.blocks."))
+    model = next((name for name, size in VIT_SIZES.items() if size[:2] == (dim, depth)), None)
+    if model is None:
+        common.fail(f"{dim} wide and {depth} deep is none of our ViT sizes ({', '.join(VIT_SIZES)})")
+    return dict(model=model, patch_size=patch, img_size=math.isqrt(state["encoder.pos_embed"].shape[1]) * patch)
+
+
 def main():
-    cfg = parse_config(config, None, sys.argv[1:])
-    if not cfg["ckpt"] or not cfg["out"] or cfg["to"] not in ("timm", "ours"):
-        sys.exit("error: give --ckpt=<file> --out=<file> and --to=timm (default) or --to=ours")
+    cfg, _ = common.configure(config, __doc__, __file__, choices=dict(to=("timm", "ours")))
+    if not cfg["ckpt"] or not cfg["out"]:
+        common.fail("give --ckpt=<file> and --out=<file> (and --to=ours to import a timm file)")
     if cfg["to"] == "timm":
-        state = load_checkpoint(cfg["ckpt"], "cpu")["model"]
+        state = common.load(cfg["ckpt"])["model"]
         result = to_timm(state, cls_token=cfg["cls_token"])
     else:
-        state = torch.load(cfg["ckpt"], map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))  # plain, or wrapped as many codebases do
-        result = dict(model=from_timm(state), config=dict(source=os.path.abspath(cfg["ckpt"])))
+        try:
+            state = torch.load(cfg["ckpt"], map_location="cpu", weights_only=True)
+        except Exception as e:
+            common.fail(f"cannot read {cfg['ckpt']}: {type(e).__name__}")
+        state = from_timm(state.get("model", state.get("state_dict", state)))  # plain, or wrapped as many codebases do
+        result = dict(model=state, config=dict(architecture(state), source=os.path.abspath(cfg["ckpt"])))
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
-    save_checkpoint(cfg["out"], result)
+    common.save(cfg["out"], result)
     print(f"wrote {cfg['out']} ({len(result if cfg['to'] == 'timm' else result['model'])} tensors)")
 
 

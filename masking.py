@@ -13,13 +13,10 @@ import numpy as np
 
 
 def _allowed_cells(grid, num_masked, allowed):
-    """The flat bool array of cells that may be masked, after checking the budget fits in it."""
-    h, w = grid
-    allowed = np.ones(h * w, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
-    if allowed.shape != (h * w,):
-        raise ValueError(f"allowed must be flat with {h * w} cells, got shape {allowed.shape}")
-    if not 0 <= num_masked <= allowed.sum():
-        raise ValueError(f"cannot mask {num_masked} cells: only {allowed.sum()} are allowed")
+    """The flat bool array of cells that may be masked (all of them by default)."""
+    allowed = np.ones(grid[0] * grid[1], dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    assert allowed.shape == (grid[0] * grid[1],) and 0 <= num_masked <= allowed.sum(), \
+        f"cannot mask {num_masked} cells: {allowed.sum()} are allowed"
     return allowed
 
 
@@ -78,11 +75,10 @@ def random_mask(grid, num_masked, rng, allowed=None):
 
 def _draw(kind, grid, num_masked, rng, min_block, allowed=None):
     """One mask of the given kind; split_patches and beit_mask share it."""
+    assert kind in ("block", "random"), f"mask kind {kind!r}"
     if kind == "block":
         return block_mask(grid, num_masked, rng, min_block=min_block, allowed=allowed)
-    if kind == "random":
-        return random_mask(grid, num_masked, rng, allowed=allowed)
-    raise ValueError(f"unknown mask kind {kind!r}: expected 'block' or 'random'")
+    return random_mask(grid, num_masked, rng, allowed=allowed)
 
 
 def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
@@ -94,13 +90,9 @@ def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
     the rest is seen by neither and not predicted (each branch predicts the other's patches).
     Equal k lets both branches run as one batch of 2B sequences of length k.
     """
-    if not 0.5 <= mask_ratio < 1:
-        raise ValueError(f"SplitMask mask_ratio must be in [0.5, 1) so that the two branches can "
-                         f"be disjoint, got {mask_ratio}")
-    h, w = grid
-    k = round(h * w * (1 - mask_ratio))
-    if k == 0:
-        raise ValueError(f"mask_ratio {mask_ratio} on a {h}x{w} grid leaves no visible patch")
+    k = round(grid[0] * grid[1] * (1 - mask_ratio))
+    assert 0.5 <= mask_ratio < 1, f"mask_ratio {mask_ratio}: the two branches cannot be disjoint"
+    assert k > 0, f"mask_ratio {mask_ratio} on a {grid} grid leaves no visible patch"
     seen_by_a = _draw(kind, grid, k, rng, min_block)
     # B draws its k patches from those A does not see; at 50% that leaves exactly A's complement.
     seen_by_b = _draw(kind, grid, k, rng, min_block, allowed=~seen_by_a)
@@ -109,7 +101,5 @@ def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
 
 def beit_mask(grid, mask_ratio, rng, kind="block", min_block=16):
     """Masked positions (flat bool) for the BEiT baseline; BEiT hides 75 of 196 patches, our default 0.4 hides 78."""
-    if not 0 < mask_ratio < 1:
-        raise ValueError(f"BEiT mask_ratio must be in (0, 1), got {mask_ratio}")
-    h, w = grid
-    return _draw(kind, grid, round(h * w * mask_ratio), rng, min_block)
+    assert 0 < mask_ratio < 1, f"mask_ratio {mask_ratio}"
+    return _draw(kind, grid, round(grid[0] * grid[1] * mask_ratio), rng, min_block)

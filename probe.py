@@ -1,49 +1,58 @@
 """
-Evaluate a frozen encoder: a linear probe on every layer at once, and k-NN, on cached features.
+Evaluate a frozen encoder: a linear probe on every block at once, and k-NN, on cached features.
 
     python probe.py --init=out/pretrain/ckpt.pt       # a pre-training or fine-tuning checkpoint
     python probe.py                                   # random init: the baseline every result needs
-    python probe.py --report=out/exp/cifar10          # table + per-layer plot of an experiment's runs
+    python probe.py --report=out/exp/cifar10          # table + per-block plot of an experiment's runs
 
 One forward pass over the data (no augmentation) collects the mean-pooled tokens of every block;
-they are cached in out_dir, then a BatchNorm (no affine) + linear classifier is trained per layer
-(as in MAE) and a cosine k-NN (k=20, temperature-weighted votes) is run per layer. The paper's
-Figure 5: SplitMask's late layers stay good for probing where BEiT's drop.
+they are cached in out_dir, then a BatchNorm (no affine) + linear classifier is trained per block
+(as in MAE) and a cosine k-NN (k=20, temperature-weighted votes) is run per block. The paper's
+Figure 5: SplitMask's late blocks stay good for probing where BEiT's drop.
 """
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import common
 import data
-from model import ViT, load_encoder
-from pretrain import load_checkpoint, parse_config, save_checkpoint
+from model import VIT_SIZES, ViT, load_encoder
 
+# -----------------------------------------------------------------------------
+# The default run: the built-in scenes. Every line is a flag (--key=value); --help prints the comments.
 config = dict(
-    out_dir="out/probe",
-    init="",  # checkpoint to evaluate; "" = random init
-    dataset="synthetic",
-    data_root="",
-    fraction=1.0,
-    num_images=2000,  # synthetic only
-    model="tiny",  # must match the checkpoint
-    img_size=32,
-    patch_size=4,
-    crop_ratio=0.875,
-    batch_size=256,  # feature extraction and probe training
-    probe_epochs=100,
-    probe_lr=1e-3,
-    knn_k=20,
-    knn_temperature=0.07,
-    device="auto",
-    workers=2,
-    seed=0,
+    init="",  # checkpoint to evaluate (its model, image and patch size come with it); "": random init
+    dataset="synthetic",  # synthetic (built in) | imagenette | cifar10 | imagenet | ... (README); needs labels
+    data_root="",  # the dataset's folder; the README's datasets table says where to get each
+    recipe="quick",  # real datasets: quick (about 10,000 images) | paper (all of them)
+    fraction=1.0,  # class-balanced share of the images to use (ImageNet 1%: 0.01)
+    num_images=2000,  # built-in scenes to draw
+    model="tiny",  # ViT size without --init: tiny | small | base | large
+    img_size=32,  # crops, in pixels (with --init: the checkpoint's, unless given)
+    patch_size=4,  # patch side, in pixels (with --init: the checkpoint's)
+    crop_ratio=0.875,  # resize to img_size / crop_ratio, then take the centre crop
+    batch_size=256,  # for feature extraction and probe training
+    probe_epochs=100,  # epochs of linear-probe training (on cached features: fast)
+    probe_lr=1e-3,  # AdamW learning rate of the probes
+    knn_k=20,  # neighbours that vote
+    knn_temperature=0.07,  # votes weighted by exp(cosine / t)
+    out_dir="",  # results, plot and feature cache; "": <checkpoint>_probe/, or out/probe_random_init/
+    device="auto",  # auto (a GPU if there is one) | cpu | cuda
+    dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
+    workers=common.cpu_workers(),  # loader processes
+    seed=0,  # seeds the subset, random init and probe training
     report="",  # an experiment folder of <row>/{pretrain,probe,finetune} runs: print its table, draw its plot
 )
+# Real datasets: the images and, for random init, the sizes of pretrain.py's recipe (a checkpoint brings its own).
+QUICK, PAPER = dict(model="tiny", img_size=112, patch_size=16), dict(model="small", img_size=224, patch_size=16)
+CIFAR = dict(img_size=32, patch_size=4)
+PRESETS = {**{f"{name}/quick": dict(QUICK, fraction=data.quick_fraction(name), **(CIFAR if "cifar" in name else {}))
+              for name in data.DATASETS[1:]},
+           **{f"{name}/paper": dict(PAPER, **(CIFAR if "cifar" in name else {})) for name in data.DATASETS[1:]}}
 
 
 @torch.no_grad()
@@ -147,7 +156,7 @@ def report(folder):
             row["hours"] = sum((r["step"] - p["step"]) * batch / r["img_s"] for p, r in zip([{"step": 0}] + steps, steps)) / 3600
         table[name], curves[name] = row, probe["linear"]
     if not table:
-        sys.exit(f"error: no <row>/probe/results.json under {folder}")
+        common.fail(f"no <row>/probe/results.json under {folder}")
     print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 |\n|---|---|---|---|---|")
     for name, r in table.items():
         finetune = "-" if r["finetune"] is None else f"{r['finetune']:.1f}"
@@ -158,41 +167,47 @@ def report(folder):
 
 
 def main():
-    cfg = parse_config(config, None, sys.argv[1:])
+    cfg, given = common.configure(config, __doc__, __file__, PRESETS, lambda c: [f"{c['dataset']}/{c['recipe']}"],
+                                  dict(dataset=data.DATASETS, model=VIT_SIZES))
     if cfg["report"]:
         return report(cfg["report"])
-    device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg["device"] == "auto" else cfg["device"])
+    pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
+    common.check(cfg, [(cfg["img_size"] > 0 and cfg["img_size"] % cfg["patch_size"] == 0,
+                   f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}")])
+    device, autocast, _ = common.setup(cfg)
+    out_dir = cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] + "_probe" if cfg["init"] else "out/probe_random_init")
     torch.manual_seed(cfg["seed"])
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"])  # random init unless --init
-    if cfg["init"]:
-        try:
-            load_encoder(encoder, load_checkpoint(cfg["init"], "cpu")["model"])
-        except ValueError as e:
-            sys.exit(f"error: --init={cfg['init']}: {e}. Pass the checkpoint's --model, --patch_size and --img_size.")
+    if pretrained is not None:
+        load_encoder(encoder, pretrained)
     encoder.to(device).eval()
 
     # features, cached: the probes below cost little more than this one pass
-    cache = os.path.join(cfg["out_dir"], "features.pt")
+    cache = os.path.join(out_dir, "features.pt")
     key = {k: cfg[k] for k in ("init", "dataset", "data_root", "fraction", "num_images", "model", "img_size",
-                               "patch_size", "crop_ratio", "seed")}
+                               "patch_size", "crop_ratio", "seed", "dtype")}
     key["init_mtime"] = os.path.getmtime(cfg["init"]) if cfg["init"] else 0
     feats = torch.load(cache, weights_only=True) if os.path.exists(cache) else {}
     if feats.get("key") != key:
         feats = {"key": key}
         transform = data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
         for split in ("train", "val"):
-            images = data.build_dataset(cfg["dataset"], cfg["data_root"], split, cfg["img_size"], cfg["fraction"],
-                                        cfg["seed"], cfg["num_images"] if split == "train" else None)
-            feats[split] = extract_features(encoder, data.Augmented(images, transform), cfg["batch_size"], cfg["workers"], device)
+            try:
+                images = data.build_dataset(cfg["dataset"], cfg["data_root"], split, cfg["img_size"], cfg["fraction"],
+                                            cfg["seed"], cfg["num_images"] if split == "train" else None)
+            except FileNotFoundError as e:
+                common.fail(e)
+            with autocast:
+                feats[split] = extract_features(encoder, data.Augmented(images, transform), cfg["batch_size"],
+                                                cfg["workers"], device)
             feats["classes"] = len(images.classes)
-        save_checkpoint(cache, feats)  # atomic: a probe killed while saving recomputes rather than crashes
+        common.save(cache, feats)  # atomic: a probe killed while saving recomputes rather than crashes
     (train_x, train_y), (val_x, val_y), C = feats["train"], feats["val"], feats["classes"]
     if C < 2:
-        sys.exit(f"error: --dataset={cfg['dataset']} has no class labels; probing needs a labelled dataset")
+        common.fail(f"--dataset={cfg['dataset']} has no class labels; probing needs a labelled dataset")
 
-    # probes per layer
+    # probes per block
     probe = train_linear_probes(train_x, train_y, C, cfg["probe_epochs"], cfg["probe_lr"], cfg["batch_size"], cfg["seed"])
     linear = ((probe(val_x).argmax(-1) == val_y[:, None]).float().mean(0) * 100).tolist()
     knn = [knn_accuracy(train_x[:, i], train_y, val_x[:, i], val_y, C, cfg["knn_k"], cfg["knn_temperature"])
@@ -204,9 +219,10 @@ def main():
     best = max(range(len(linear)), key=linear.__getitem__)
     print(f"best linear probe: block {best + 1}, {linear[best]:.2f}%; k-NN at the last block: {knn[-1]:.2f}%")
     results = dict(config=cfg, linear=linear, knn=knn, best_linear=linear[best], best_layer=best + 1, knn_last=knn[-1])
-    with open(os.path.join(cfg["out_dir"], "results.json"), "w") as f:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(os.path.join(cfg["out_dir"], "probe.png"), {"linear probe": linear, "k-NN": knn}, cfg["init"] or "random init")
+    plot(os.path.join(out_dir, "probe.png"), {"linear probe": linear, "k-NN": knn}, cfg["init"] or "random init")
+    print(f"done: {out_dir}/results.json and {out_dir}/probe.png (accuracy by block)")
 
 
 if __name__ == "__main__":

@@ -26,21 +26,15 @@ def _nonzero_unit_rows(patches):
     return _unit_rows(patches[patches.norm(dim=1) > EPS])
 
 
-def _check_even(patch_size):
-    if patch_size % 2 != 0:
-        raise ValueError(f"patch_size must be even (tokenizer patches are half size): {patch_size}")
-
-
 def tokenizer_patches(images, patch_size):
     """Images [B, C, H, W] -> tokenizer patches [B, n, C*p*p] in float32, p = patch_size // 2.
 
     2x2 average pooling halves the resolution; p x p patches are then cut in row-major grid order
     (the encoder's order, one per encoder patch) and flattened in (channel, row, col) order.
     """
-    _check_even(patch_size)
     B, C, H, W = images.shape
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"image size {H}x{W} is not divisible by patch_size {patch_size}")
+    assert patch_size % 2 == 0, f"patch_size {patch_size} must be even: words are patches of the half-size image"
+    assert H % patch_size == 0 and W % patch_size == 0, f"{H}x{W} images are not divisible by patch_size {patch_size}"
     half = F.avg_pool2d(images.float(), kernel_size=2)  # [B, C, H/2, W/2]
     p, h, w = patch_size // 2, H // patch_size, W // patch_size
     patches = half.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
@@ -56,9 +50,7 @@ def random_projection_vocab(vocab_size, dim, seed):
 def random_patches_vocab(patches, vocab_size, seed):
     """V of the training patches [N, dim], drawn uniformly without replacement, as unit rows."""
     units = _nonzero_unit_rows(patches)
-    if len(units) < vocab_size:
-        raise ValueError(f"a vocabulary of {vocab_size} random patches needs at least {vocab_size} "
-                         f"non-zero patches, got {len(units)}")
+    assert len(units) >= vocab_size, f"{vocab_size} words need at least {vocab_size} non-flat patches"
     g = torch.Generator().manual_seed(seed)
     return units[torch.randperm(len(units), generator=g)[:vocab_size].to(units.device)]
 
@@ -100,18 +92,14 @@ def tokenize(images, vocab, patch_size, dtype=torch.float32):
 
     Dividing by |x| would make the dot product a cosine but cannot move the argmax, so a batch is
     one matmul and an argmax on the vocabulary's device. dtype=torch.bfloat16 (what pretrain.py
-    uses under bf16 AMP) halves the cost; near-ties then resolve at bf16 precision.
+    uses under bf16 autocast) halves the cost; near-ties then resolve at bf16 precision.
     """
     vocab = _unit_rows(vocab.float()).to(dtype)
     patches = tokenizer_patches(images.to(vocab.device), patch_size)
     B, n, dim = patches.shape
-    if dim != vocab.shape[1]:
-        raise ValueError(f"tokenizer patches have {dim} dims, the vocabulary {vocab.shape[1]}")
-    # a [rows, V] block of similarities stays in a CPU's cache (16 MB: the max reads it from there) or 256 MB on a GPU
-    rows = max(1, (2**22 if vocab.device.type == "cpu" else 2**26) // len(vocab))
-    # max(dim).indices is argmax (ties go to the first index too), but CPUs have a vectorised bf16 max
-    # and no vectorised bf16 argmax: 4x faster there (bench.py: tokenization share of the step)
-    ids = [(chunk.to(dtype) @ vocab.T).max(dim=1).indices for chunk in patches.reshape(B * n, dim).split(rows)]
+    assert dim == vocab.shape[1], f"patches have {dim} dims, the vocabulary {vocab.shape[1]}"
+    rows = max(1, 2**24 // len(vocab))  # patches per matmul: at most 16M similarities alive at a time
+    ids = [(chunk.to(dtype) @ vocab.T).argmax(dim=1) for chunk in patches.reshape(B * n, dim).split(rows)]
     return torch.cat(ids).reshape(B, n)
 
 
@@ -125,9 +113,7 @@ def render(token_ids, vocab, grid, patch_size):
     (h, w), p = grid, patch_size // 2
     B, n = token_ids.shape
     C = vocab.shape[1] // (p * p)
-    if n != h * w or vocab.shape[1] != C * p * p:
-        raise ValueError(f"{n} tokens of {vocab.shape[1]} dims do not fill a {h}x{w} grid of "
-                         f"{p}x{p} patches")
+    assert n == h * w and vocab.shape[1] == C * p * p, f"{n} tokens do not fill a {h}x{w} grid"
     patches = vocab.float()[token_ids.to(vocab.device)].reshape(B, h, w, C, p, p)
     half = patches.permute(0, 3, 1, 4, 2, 5).reshape(B, C, h * p, w * p)
     return half.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
@@ -166,8 +152,7 @@ def sample_patches(loader, patch_size, num_patches, seed):
                 gathered += B * k
                 if gathered >= num_patches:
                     break
-            if gathered == before:
-                raise ValueError("the loader yielded no images to sample patches from")
+            assert gathered > before, "the loader yielded no images to sample patches from"
     return torch.cat(chunks)[:num_patches]
 
 
@@ -178,13 +163,10 @@ def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_patches=1_0
     random_projection needs no data; the others sample num_patches patches from loader (the paper
     clustered 3M). k-means, the only heavy step, runs on device (default: a GPU if there is one).
     """
-    if kind not in VOCAB_KINDS:
-        raise ValueError(f"unknown vocabulary kind {kind!r}, expected one of {VOCAB_KINDS}")
-    _check_even(patch_size)
+    assert kind in VOCAB_KINDS, f"unknown vocabulary kind {kind!r}"
+    assert kind == "random_projection" or loader is not None, f"{kind} samples training patches: pass a loader"
     if kind == "random_projection":
         return random_projection_vocab(vocab_size, 3 * (patch_size // 2) ** 2, seed)
-    if loader is None:
-        raise ValueError(f"vocabulary kind {kind!r} samples training patches: pass a loader")
     patches = sample_patches(loader, patch_size, num_patches, seed)
     if kind == "random_patches":
         return random_patches_vocab(patches, vocab_size, seed)

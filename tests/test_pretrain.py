@@ -56,7 +56,7 @@ def torchrun(nproc, script, *flags, timeout=300):
 def reference(tmp_path_factory):
     """One uninterrupted tiny run: the run every interrupted one must reproduce bit for bit."""
     out = str(tmp_path_factory.mktemp("reference"))
-    run("pretrain.py", *TINY, f"--out_dir={out}", "--picture_every=1")
+    run("pretrain.py", *TINY, f"--out_dir={out}", "--pictures=2")
     return out
 
 
@@ -188,10 +188,10 @@ def run_in_process(monkeypatch, capsys, script_main, *flags):
 
 
 FAULTS_OF_REPEATED_BLOCKS = """
-import resource, sys, torch, pretrain
+import resource, sys, torch, common
 if sys.argv[1] == "keep":
-    pretrain.keep_freed_memory()
-for _ in range(3):  # warm-up: the first steps' memory is new either way
+    common.keep_freed_memory()
+for _ in range(10):  # warm-up: the first steps' memory is new either way
     torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):

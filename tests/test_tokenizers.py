@@ -240,19 +240,19 @@ def test_sample_patches_accepts_tensor_and_dict_batches_and_restarts_the_loader(
 
 def test_clear_errors_for_bad_inputs():
     images = torch.randn(1, 3, 16, 16)
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(AssertionError, match="even"):
         tok.tokenizer_patches(images, 3)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(AssertionError, match="divisible"):
         tok.tokenizer_patches(images, 12)  # even, but 12 does not divide 16
-    with pytest.raises(ValueError, match="at least 64"):
+    with pytest.raises(AssertionError, match="at least 64"):
         tok.random_patches_vocab(torch.randn(10, 12), 64, seed=0)
-    with pytest.raises(ValueError, match="192 dims"):
+    with pytest.raises(AssertionError, match="192 dims"):
         tok.tokenize(torch.randn(1, 3, 32, 32), torch.randn(8, 12), 16)
-    with pytest.raises(ValueError, match="grid"):
+    with pytest.raises(AssertionError, match="grid"):
         tok.render(torch.zeros(1, 16, dtype=torch.long), torch.randn(8, 12), (3, 4), patch_size=4)
-    with pytest.raises(ValueError, match="unknown vocabulary kind"):
+    with pytest.raises(AssertionError, match="unknown vocabulary kind"):
         tok.build_vocab("dall-e", 64, 16, seed=0)
-    with pytest.raises(ValueError, match="loader"):
+    with pytest.raises(AssertionError, match="loader"):
         tok.build_vocab("kmeans", 64, 16, seed=0)
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(AssertionError, match="no images"):
         tok.sample_patches([], 4, num_patches=10, seed=0)

@@ -1,0 +1,296 @@
+"""
+Plumbing shared by the stage scripts; nothing here is SplitMask.
+
+flags (--key=value, --help, presets), processes (device, torchrun, autocast, rank 0 prints, errors),
+checkpoints (atomic, weights_only, resume with every RNG stream), stopping (signals, health checks).
+"""
+import ctypes
+import difflib
+import math
+import os
+import re
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
+MASTER = RANK == 0
+CHOICES = dict(recipe=("quick", "paper"), device=("auto", "cpu", "cuda"),
+               dtype=("auto", "bfloat16", "float16", "float32"))
+
+
+def print0(*args, **kwargs):
+    if MASTER:
+        print(*args, **kwargs, flush=True)
+
+
+def fail(message):
+    """Stop on bad input: the message once (not once per process), no traceback, exit code 1."""
+    print0(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def check(cfg, rules):
+    """Validate settings at the command-line boundary: the first broken (ok, message) rule stops the run."""
+    for ok, message in rules:
+        if not ok:
+            fail(message)
+    if "warmup_epochs" in cfg and cfg["warmup_epochs"] == cfg["epochs"]:
+        print0(f"warning: --warmup_epochs={cfg['warmup_epochs']} of --epochs={cfg['epochs']}: the learning rate only "
+               "rises, it never decays")
+
+
+def plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def cpu_workers():
+    """Loader processes per training process: the cores this process may use, minus its own, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
+
+
+# ----------------------------------------------------------------------------- flags
+
+def configure(config, doc, script, presets={}, chosen=lambda cfg: [], choices={}):
+    """cfg = config, then the presets that chosen(cfg) names (plain overrides, printed), then the flags.
+    Returns (cfg, the keys given as flags). Flags take the type of their default; a key of `choices`
+    must be one of its values. --help prints doc and each config line's comment."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print_help(config, doc, script, presets)
+        sys.exit(0)
+    given = {}
+    for arg in sys.argv[1:]:
+        key, eq, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in config:
+            close = dict.fromkeys(difflib.get_close_matches(key, config, 3, 0.6) + [k for k in config if key in k])
+            hint = f"; did you mean {', '.join('--' + k for k in close)}?" if close and key and eq else ""
+            fail(f"unknown or malformed flag {arg!r} (expected --key=value; see --help){hint}")
+        kind = type(config[key])
+        if kind is bool and text.lower() in ("true", "false", "1", "0"):
+            given[key] = text.lower() in ("true", "1")
+        else:
+            try:
+                assert kind is not bool
+                given[key] = kind(text)
+            except (AssertionError, ValueError):
+                fail(f"--{key}={text!r} is not a valid {kind.__name__}")
+    cfg = dict(config)
+    for name in [name for name in chosen({**config, **given}) if name in presets]:
+        cfg.update(presets[name])
+        print0(f"preset {name}: " + " ".join(f"--{k}={v}" for k, v in presets[name].items() if k not in given))
+    cfg.update(given)
+    for key, allowed in {**CHOICES, **choices}.items():
+        if key in cfg and cfg[key] not in allowed:
+            fail(f"unknown --{key}={cfg[key]!r}; choose one of {', '.join(allowed)}")
+    return cfg, set(given)
+
+
+def print_help(config, doc, script, presets):
+    """The docstring, then each flag with its default, its comment and the values presets give it: for a
+    recipe, its usual value, then the datasets that differ ("quick 112 (cifar10 32)")."""
+    with open(script) as f:
+        block = f.read().split("config = dict(", 1)[1].split("\n)", 1)[0]
+    comments = dict(re.findall(r"^    (\w+)=.*?#\s*(.*)$", block, re.M))
+    print(doc.strip() + "\n\nflags (--key=value), each with its default:")
+    for key, value in config.items():
+        print(f"  --{key}={value}".ljust(35), comments.get(key, ""))
+        groups = {}  # recipe -> {dataset: value}
+        for name, overrides in presets.items():
+            if key in overrides:
+                groups.setdefault(name.split("/")[-1], {})[name.split("/")[0]] = overrides[key]
+        parts = []
+        for recipe, values in groups.items():
+            usual = max(values.values(), key=list(values.values()).count)
+            every = len(values) == sum(name.endswith("/" + recipe) or name == recipe for name in presets)
+            if every:
+                others = [f"{dataset} {v}" for dataset, v in values.items() if v != usual]
+                parts.append(f"{recipe} {usual}" + (f" ({', '.join(others)})" if others else ""))
+            else:
+                parts.append(f"{recipe} {usual} for {', '.join(d for d, v in values.items() if v == usual)}")
+        if parts:
+            print(" " * 36 + "presets: " + "; ".join(parts))
+
+
+# ----------------------------------------------------------------------------- processes
+
+def setup(cfg):
+    """Device, process group (under torchrun) and mixed precision. Returns (device, autocast, scaler).
+    --dtype=auto is bfloat16 on GPUs that support it and float32 elsewhere: the same numbers on every CPU."""
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if cuda and not torch.cuda.is_available():
+        fail("--device=cuda but PyTorch sees no CUDA GPU here: use --device=cpu, or a CUDA build of PyTorch")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_memory()
+    if WORLD > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cfg["dtype"] == "auto":
+        cfg["dtype"] = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+    autocast = torch.autocast(device.type, getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["dtype"] == "float16")  # a no-op unless float16
+    return device, autocast, scaler
+
+
+def keep_freed_memory():
+    """CPU training: glibc hands every freed block over 32 MiB back to the kernel, so each step's big
+    activations come back as fresh pages, zeroed one page fault at a time. Keep them in the heap, as
+    PyTorch's caching allocator does on GPUs (the README's speed section says what this buys)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to do
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX: no block gets a mapping of its own
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB free at the top of the heap
+
+
+def matmul_flops(device, dtype):
+    """FLOP/s of a dense matmul on this device, measured now: the denominator of the logged MFU."""
+    size = 4096 if device.type == "cuda" else 1024 if dtype == "float32" else 256  # CPUs may emulate 16 bits
+    a = torch.randn(size, size, device=device, generator=torch.Generator(device).manual_seed(0)).to(getattr(torch, dtype))
+    seconds = []
+    for _ in range(4):
+        start = time.perf_counter()
+        (a @ a).sum().item()  # .item() waits for the GPU
+        seconds.append(time.perf_counter() - start)
+    return 2 * size**3 / min(seconds)
+
+
+def lr_at(step, total_steps, warmup_steps, peak, floor):
+    """Linear warm-up, then cosine decay to floor."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save(path, state):
+    """Atomic: write a temporary file, flush it to disk, rename it over the old one; a kill at any
+    moment leaves one whole checkpoint."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load(path):
+    """torch.load(weights_only=True): tensors and plain values only, so a file cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path}: " + ("it holds Python objects, which could run code when loaded; "
+             "refused" if "GLOBAL" in str(e) else f"not a PyTorch file ({type(e).__name__})"))
+    if isinstance(state, dict) and any(key.startswith(("patch_embed.", "blocks.")) for key in state):
+        fail(f"{path} is not a splitmask checkpoint but a timm-layout state dict; convert it first: "
+             f"python export.py --ckpt={path} --out=converted.pt --to=ours")
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        fail(f"{path} is not a splitmask checkpoint (it has no model and config entries)")
+    return state
+
+
+def encoder_weights(cfg, given, path):
+    """A checkpoint describes its encoder: --model, --img_size and --patch_size come from its config
+    unless given as flags. Returns its weights; refuses a model it cannot fill, naming both."""
+    saved = load(path)
+    cfg.update({key: saved["config"][key] for key in ("model", "img_size", "patch_size") if key not in given})
+    model, patch, size = (saved["config"][key] for key in ("model", "patch_size", "img_size"))
+    if (cfg["model"], cfg["patch_size"]) != (model, patch):
+        fail(f"--init={path} does not fit --model={cfg['model']} --patch_size={cfg['patch_size']}: it holds a "
+             f"ViT-{model}/{patch}; drop those flags (they come from the checkpoint)")
+    if cfg["img_size"] != size:
+        print0(f"--img_size={cfg['img_size']}: the checkpoint was trained at {size} px; its position embeddings "
+               f"are resized from a {size // patch}x{size // patch} to a {cfg['img_size'] // patch}^2 grid")
+    return saved["model"]
+
+
+# Settings a run may change when it resumes; any other change needs --override_config=True.
+FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "pictures", "compile", "device",
+                  "max_unreadable", "override_config")
+
+
+def resume(path, cfg, model, optimizer, scaler):
+    """Continue the run in cfg["out_dir"] if it has a checkpoint: model, optimizer, scaler and this
+    process's RNG streams. Refuses other settings, naming them. Returns the checkpoint, or None."""
+    if not os.path.exists(path):
+        return None
+    state = load(path)
+    changed = {k: (state["config"].get(k), v) for k, v in cfg.items()
+               if k not in FREE_TO_CHANGE and state["config"].get(k) != v}
+    if changed and not cfg["override_config"]:
+        fail(f"{path} was made with other settings (saved, now): {changed}. Use another --out_dir, or "
+             "--override_config=True to resume with the new ones.")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if state["scaler"]:  # empty unless the run trained in float16
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][RANK % len(state["rng"])]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    print0(f"resuming from {path} at step {state['step']}")
+    return state
+
+
+def save_run(path, cfg, model, optimizer, scaler, step, **extra):
+    """A collective (every process's RNG state goes in); rank 0 writes the file."""
+    rngs = [{"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}]
+    if WORLD > 1:
+        rngs, rng = [None] * WORLD, rngs[0]
+        dist.all_gather_object(rngs, rng)
+    if MASTER:
+        save(path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        step=step, config=cfg, rng=rngs, **extra))
+
+
+# ----------------------------------------------------------------------------- stopping
+
+class StopSignals:
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (what SLURM and most schedulers send before a kill): the
+    training loop asks after every step, saves and exits, and the same command resumes. Before the
+    loop starts (the vocabulary pass, for one) there is nothing to save: the run exits at once."""
+
+    def __init__(self):
+        self.received, self.training = False, False
+        # every process is asked over gloo, on the CPU: asking does not wait for the GPU
+        self.group = dist.new_group(backend="gloo") if WORLD > 1 and dist.get_backend() != "gloo" else None
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if not self.training:
+            print0(f"{signal.Signals(signum).name} before training started: nothing to save; exiting")
+            sys.exit(0)
+        self.received = True
+
+    def __call__(self):
+        """True on every process once any process got a signal (a collective: all stop after the same step)."""
+        if WORLD == 1:
+            return self.received
+        flag = torch.tensor([float(self.received)])
+        dist.all_reduce(flag, group=self.group)
+        return flag.item() > 0
+
+    def exit(self, path, step):
+        print0(f"\nstop signal: saved {path} at step {step}; the same command resumes from there")
+        sys.exit(0)
+
+
+def check_health(cfg, step, losses, scaler, unreadable, num_images, epoch):
+    """Stop a run that went wrong; the last checkpoint, written before it did, is kept."""
+    if not scaler.is_enabled() and not all(map(math.isfinite, losses)):
+        fail(f"non-finite {'loss' if not math.isfinite(losses[0]) else 'gradient'} at step {step} (epoch {epoch}); "
+             f"the last good checkpoint in {cfg['out_dir']} is kept. Try a lower --blr, or --dtype=float32.")
+    if scaler.get_scale() < 1:  # halved at every overflow: from 65536, 17 in a row
+        fail(f"float16 gradients kept overflowing up to step {step}; try --dtype=bfloat16 or float32")
+    if unreadable > cfg["max_unreadable"] * num_images:
+        fail(f"{unreadable} unreadable images in epoch {epoch} (over {cfg['max_unreadable']:.0%} of {num_images}); "
+             "fix the dataset, or allow more with --max_unreadable")
