@@ -6,6 +6,7 @@ checkpoints (atomic, weights_only, resume with every RNG stream), stopping (sign
 """
 import ctypes
 import difflib
+import json
 import math
 import os
 import re
@@ -136,6 +137,23 @@ def setup(cfg):
     autocast = torch.autocast(device.type, getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["dtype"] == "float16")  # a no-op unless float16
     return device, autocast, scaler
+
+
+def wrap(model, cfg, device, **ddp_options):
+    """The model as the training loop calls it: compiled if asked, in DistributedDataParallel under torchrun."""
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if WORLD > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None,
+                                                          **ddp_options)
+    return model
+
+
+def log(cfg, row):
+    """Append one JSON line to out_dir/log.jsonl (rank 0 only)."""
+    if MASTER:
+        with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def keep_freed_memory():

@@ -1,9 +1,10 @@
-"""Images in, (image tensor, mask, label) out: datasets, augmentations, masks and loaders.
+"""Images in, batches out: the datasets, their augmentations, the masks and the loaders.
 
-Every dataset yields (PIL RGB image, int label), label -1 when there is none. `SyntheticShapes`
-needs nothing from outside, so the whole pipeline runs on a fresh machine; `build_dataset` reads
-the paper's datasets from the usual folder layouts. `MaskedImages` adds the per-image mask
-(SplitMask's two branches, or BEiT's masked positions) and `make_loader` batches it all.
+Every dataset yields (uint8 image tensor [3, H, W], int label), label -1 when there is none.
+`SyntheticShapes` needs nothing from outside, so everything runs on a fresh machine; `build_dataset`
+reads the paper's datasets from their usual folder layouts. Augmentations are torchvision's, on uint8
+tensors (3-4x faster than on PIL images); pre-training batches stay uint8 until `normalize` runs on
+the device. `MaskedImages` adds each image's mask and `make_loader` batches it all.
 """
 import colorsys
 import os
@@ -14,53 +15,45 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
-from torchvision import transforms
+from torchvision.transforms import v2
 
 from masking import beit_mask, split_patches
 
+try:  # torchvision decodes JPEGs to PIL's exact pixels, faster; without it (torchvision > 0.29?), PIL does
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
+
 # ----------------------------------------------------------------------------- built-in scenes
 
-def _fit(points):
-    """An outline centred and scaled to fit the unit disc."""
-    points = np.asarray(points, dtype=float)
-    points = points - (points.min(0) + points.max(0)) / 2
-    return points / np.linalg.norm(points, axis=1).max()
 
-
-def _polygon(radii):  # radius radii[i] at angle 2*pi*i/len(radii): regular polygons and stars
+def _polygon(radii):  # radius radii[i] at angle 2 pi i / len(radii): regular polygons and stars
     t = 2 * np.pi * np.arange(len(radii)) / len(radii)
     return np.stack([np.cos(t), np.sin(t)], 1) * np.asarray(radii, dtype=float)[:, None]
 
 
-def _arc(cx, r, start, stop, n=24):  # n points on the circle of centre (cx, 0), angles in degrees
-    t = np.radians(np.linspace(start, stop, n))
+def _arc(cx, r, start, stop):  # 24 points on the circle of centre (cx, 0), from angle start to stop (degrees)
+    t = np.radians(np.linspace(start, stop, 24))
     return np.stack([cx + r * np.cos(t), r * np.sin(t)], 1)
 
 
 _t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-SHAPES = {name: None if outline is None else _fit(outline) for name, outline in {  # class c draws shape c
-    "circle": _polygon(np.ones(48)), "square": _polygon(np.ones(4)), "triangle": _polygon(np.ones(3)),
-    "star": _polygon([1.0, 0.4] * 5),
-    "cross": 0.95 * np.array([[1, .3], [.3, .3], [.3, 1], [-.3, 1], [-.3, .3], [-1, .3], [-1, -.3], [-.3, -.3],
-                              [-.3, -1], [.3, -1], [.3, -.3], [1, -.3]]),
-    "ring": None,  # a thick circle outline: the background shows through the hole
-    "crescent": np.concatenate([_arc(0, 1, 53.13, 306.87), _arc(0.6, 0.8, 270, 90)]),  # disc minus a disc
-    "half-disc": _arc(0, 1, 0, 180),
-    "arrow": [[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3], [0.1, -0.75]],
-    "heart": np.stack([np.sin(_t) ** 3, -(13 * np.cos(_t) - 5 * np.cos(2 * _t) - 2 * np.cos(3 * _t)
-                                         - np.cos(4 * _t)) / 16], 1)}.items()}
+SHAPES = {  # class c draws shape c: outlines within the unit disc; the ring is a thick circle instead
+    "circle": _polygon([1] * 48), "square": _polygon([1] * 4), "triangle": _polygon([1] * 3),
+    "star": _polygon([1, 0.4] * 5), "cross": _polygon([1, 0.42, 0.42] * 4), "ring": None,
+    "crescent": np.concatenate([_arc(0, 1, 53, 307), _arc(0.6, 0.8, 270, 90)]), "half-disc": _arc(0, 1, 0, 180),
+    "arrow": np.array([[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3], [0.1, -0.75]]),
+    "heart": np.stack([np.sin(_t) ** 3, (5 * np.cos(2 * _t) + 2 * np.cos(3 * _t) + np.cos(4 * _t) - 13 * np.cos(_t)) / 16], 1),
+}
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """The built-in data: scenes drawn on the fly, so everything runs on a fresh machine.
-
-    Class c is a kind of shape (circle, square, ...) in two complementary hues, c/20 and c/20 + 1/2 of
-    the colour wheel: 3-6 such shapes and a small distractor of any kind and colour on a textured
-    background of the same hues. Complementary colours average to grey, so an image's mean colour
-    says little about its class: a model must learn which colours and outlines go together. Both
-    halves of a scene show its class, as SplitMask's matching needs. Image i of a split is drawn from
-    np.random.default_rng((seed, split, i)): the same on every machine and in every epoch.
-    """
+    """The built-in data: scenes drawn on the fly. Class c is a kind of shape in two complementary hues,
+    c/20 and c/20 + 1/2 of the colour wheel: 3-6 such shapes and a small distractor of any kind and
+    colour, on a gradient or stripes of the same hues. Complementary colours average to grey, so an
+    image's mean colour says little about its class: a model must learn which colours and outlines go
+    together. Both halves of a scene show its class, as SplitMask's matching needs. Image i of a split
+    comes from np.random.default_rng((seed, split, i)): the same on every machine and in every epoch."""
 
     def __init__(self, num_images=2000, img_size=32, split="train", seed=0):
         self.num_images, self.img_size, self.seed = num_images, img_size, seed
@@ -72,65 +65,73 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return self.num_images
 
     def __getitem__(self, i):
-        rng, label = np.random.default_rng((self.seed, self.split_id, i)), self.targets[i]
+        rng, label, big = np.random.default_rng((self.seed, self.split_id, i)), self.targets[i], 2 * self.img_size
         hues = (label / 20, label / 20 + 0.5)
         colour = lambda hue: np.float32(colorsys.hsv_to_rgb(hue % 1, rng.uniform(0.5, 1), rng.uniform(0.5, 1))) * 255
-        ends = [colour(h) for h in rng.permutation(hues)]
-        big = 2 * self.img_size  # drawn at twice the size, then 2x2 pixels averaged: antialiasing
-        image = Image.fromarray(self._background(rng, *ends).astype(np.uint8)).resize((big, big), Image.NEAREST)
-        draw = ImageDraw.Draw(image)
-        # 3-6 shapes of the label's kind, radii 14-26% of the width; one distractor at 8-12%; random order
-        shapes = [(label, rng.uniform(0.14, 0.26) * big, rng.uniform(0, big, 2), colour(rng.choice(hues)))
-                  for _ in range(rng.integers(3, 7))]
-        distractor = (rng.integers(len(SHAPES)), rng.uniform(0.08, 0.12) * big, rng.uniform(0, big, 2),
-                      rng.uniform(0, 255, 3))
-        shapes.insert(rng.integers(len(shapes) + 1), distractor)
-        for kind, radius, centre, rgb in shapes:
-            angle, fill = rng.uniform(0, 2 * np.pi), tuple(rgb.astype(int).tolist())
-            if self.classes[kind] == "ring":
+        c1, c2 = (colour(hue) for hue in rng.permutation(hues))
+        x = np.arange(big) / big
+        angle, waves = rng.uniform(0, 2 * np.pi), rng.choice([0, rng.uniform(3, 12)])
+        along = np.cos(angle) * x + np.sin(angle) * x[:, None]  # the position along a random direction
+        t = (along - along.min()) / np.ptp(along) if waves == 0 else 0.5 + 0.5 * np.sin(2 * np.pi * waves * along)
+        image = Image.fromarray((c1 + t[..., None] * (c2 - c1)).astype(np.uint8))
+        draw = ImageDraw.Draw(image)  # drawn at twice the size, then 2x2 pixels averaged: antialiasing
+        shapes = [(label, rng.uniform(0.14, 0.26), colour(rng.choice(hues))) for _ in range(rng.integers(3, 7))]
+        shapes.insert(rng.integers(len(shapes) + 1), (rng.integers(len(SHAPES)), rng.uniform(0.08, 0.12),
+                                                     rng.uniform(0, 255, 3)))  # the distractor
+        for kind, radius, rgb in shapes:
+            centre, angle, radius = rng.uniform(0, big, 2), rng.uniform(0, 2 * np.pi), radius * big
+            fill = tuple(rgb.astype(int).tolist())
+            if SHAPES[self.classes[kind]] is None:
                 draw.ellipse([*(centre - radius), *(centre + radius)], outline=fill, width=max(1, round(0.4 * radius)))
             else:
                 rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
                 draw.polygon([tuple(p) for p in SHAPES[self.classes[kind]] @ rotation.T * radius + centre], fill=fill)
-        return image.reduce(2), label
-
-    def _background(self, rng, c1, c2):
-        """Blobs, a linear gradient or soft stripes between colours c1 and c2: float32 [size, size, 3]."""
-        size, kind = self.img_size, rng.integers(3)
-        if kind == 0:  # a few random mixes of the two colours per side, upsampled
-            cells = rng.integers(2, 6)
-            blobs = Image.fromarray((c1 + rng.uniform(0, 1, (cells, cells, 1)) * (c2 - c1)).astype(np.uint8))
-            return np.asarray(blobs.resize((size, size), Image.BILINEAR), dtype=np.float32)
-        x = np.arange(size, dtype=np.float32) / size
-        angle = rng.uniform(0, 2 * np.pi)
-        along = np.cos(angle) * x + np.sin(angle) * x[:, None]  # position along a direction
-        if kind == 1:
-            t = (along - along.min()) / (along.max() - along.min())
-        else:  # period between 1/12 and 1/3 of the image
-            t = 0.5 + 0.5 * np.sin(2 * np.pi * along * rng.uniform(3, 12) + rng.uniform(0, 2 * np.pi))
-        return c1 + t[..., None].astype(np.float32) * (c2 - c1)
+        return v2.functional.pil_to_tensor(image.reduce(2)), label
 
 
-# ----------------------------------------------------------------------------- image folders
+# ----------------------------------------------------------------------------- image files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
 def load_rgb(path):
-    """Open any image file as 8-bit RGB: grayscale, palette, alpha, CMYK and 16-bit included."""
+    """Open any image file as an 8-bit RGB PIL image: grayscale, palette, alpha, CMYK and 16-bit included."""
     with Image.open(path) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit values would clip to white under convert("L"): rescale 0..65535 to 0..255.
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # convert("L") would clip 16-bit values to white
             pixels = np.asarray(image, dtype=np.float64)
             scale = 257.0 if image.mode != "I" or pixels.max() > 255 else 1.0
             return Image.fromarray((pixels / scale).round().clip(0, 255).astype(np.uint8)).convert("RGB")
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            # convert("RGB") would keep whatever colour hides under transparent pixels; show them
-            # on white instead, as an image viewer does.
+            # transparent pixels shown on white, as an image viewer does, not in the colour they hide
             image = image.convert("RGBA")
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, image).convert("RGB")
+            return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
         return image.convert("RGB")
+
+
+def read_image(path):
+    """Any image file as a uint8 RGB tensor [3, H, W]. JPEGs are decoded by torchvision (PIL's pixels,
+    faster), other files by load_rgb. Unreadable files raise OSError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if decode_jpeg is not None and raw[:3] == b"\xff\xd8\xff":
+            return decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return v2.functional.pil_to_tensor(load_rgb(path))
+    except (OSError, ValueError, SyntaxError, RuntimeError) as e:
+        raise OSError(f"{path}: {e}") from e
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """A list of (path, label) pairs, read with read_image. `classes` names the labels."""
+
+    def __init__(self, samples, classes):
+        self.samples, self.classes, self.targets = samples, classes, [label for _, label in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return read_image(self.samples[i][0]), self.samples[i][1]
 
 
 def _image_files(folder):
@@ -142,39 +143,13 @@ def _image_files(folder):
     return found
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """A list of (path, label) pairs, read with load_rgb. `classes` names the labels."""
+# ----------------------------------------------------------------------------- datasets
 
-    def __init__(self, samples, classes):
-        self.samples, self.classes = samples, classes
-        self.targets = [label for _, label in samples]
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            return load_rgb(path), label
-        except (OSError, ValueError, SyntaxError) as e:  # name the file in the message
-            raise OSError(f"{path}: {e}") from e
-
-
-class Subset(torch.utils.data.Subset):
-    """torch's Subset, keeping the `classes` and `targets` of what it picks from."""
-
-    def __init__(self, dataset, indices):
-        super().__init__(dataset, indices)
-        self.classes = dataset.classes
-        self.targets = [dataset.targets[i] for i in indices]
-
-
-# Folder names accepted for each split; the first one that exists is used.
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
 LABELLED_FOLDERS = ("imagefolder", "imagenette", "imagenet", "inat2018", "inat2019", "food101", "cars",
                     "clipart", "painting", "sketch")
 DATASETS = ("synthetic", *LABELLED_FOLDERS, "cifar10", "cifar100", "folder", "coco", "ade20k")
-# Training images of the paper's datasets (Table 1 and its appendix), for the quick recipe's share.
+# Training images of the paper's datasets, for the quick recipe's share of about 10,000.
 TRAIN_IMAGES = dict(imagenet=1_281_167, inat2018=437_513, inat2019=265_240, coco=118_287, food101=75_750,
                     painting=52_867, cifar10=50_000, cifar100=50_000, sketch=49_115, clipart=34_019,
                     ade20k=20_210, imagenette=9_469, cars=8_144)
@@ -188,17 +163,16 @@ LAYOUTS = {"folder": "image files anywhere under <root> (or under <root>/train/ 
 
 
 def quick_fraction(name):
-    """The share of a dataset's training images that makes about 10,000: a laptop-sized run."""
     return round(min(1.0, 10_000 / TRAIN_IMAGES.get(name, 10_000)), 3)
-
-
-def _split_dir(root, split):
-    return next((os.path.join(root, d) for d in SPLIT_DIRS[split] if os.path.isdir(os.path.join(root, d))), None)
 
 
 def _missing(name, problem):
     return FileNotFoundError(f"--dataset={name}: {problem}. Expected {LAYOUTS.get(name, IMAGE_FOLDER)}; "
                              "the README's datasets table says where to get it")
+
+
+def _split_dir(root, split):
+    return next((os.path.join(root, d) for d in SPLIT_DIRS[split] if os.path.isdir(os.path.join(root, d))), None)
 
 
 def image_folder(root, split, name="imagefolder"):
@@ -223,24 +197,11 @@ def image_files(folder, name="folder"):
     return ImageFiles([(f, -1) for f in files], classes=[])
 
 
-def pick_fraction(dataset, fraction, seed):
-    """The same fraction of every class (chosen by seed); a random fraction of unlabelled sets."""
-    if fraction == 1.0:
-        return dataset
-    targets = np.asarray(dataset.targets)
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(targets):  # unlabelled sets are the single "class" -1
-        members = rng.permutation(np.flatnonzero(targets == c))
-        picked += members[:max(1, round(fraction * len(members)))].tolist()
-    return Subset(dataset, sorted(picked))
-
-
 def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_images=None):
-    """A dataset of (PIL RGB image, int label) by name; `fraction` < 1 keeps a class-balanced part.
-    Raises FileNotFoundError naming the layout expected when root does not hold the dataset."""
+    """A dataset of (uint8 image, int label) by name; `fraction` < 1 keeps a class-balanced share (chosen by
+    seed). Raises FileNotFoundError naming the layout expected when root does not hold the dataset."""
     assert name in DATASETS and split in SPLIT_DIRS and 0 < fraction <= 1, (name, split, fraction)
-    if name == "synthetic":  # root is ignored: the images are drawn on the fly
+    if name == "synthetic":  # drawn on the fly: no root
         dataset = SyntheticShapes(num_images or (2000 if split == "train" else 500), img_size, split, seed)
     elif not root:
         raise _missing(name, "it needs --data_root=<its folder>")
@@ -248,12 +209,13 @@ def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_ima
         raise _missing(name, f"--data_root={root} is not a folder")
     elif name in LABELLED_FOLDERS:
         dataset = image_folder(root, split, name)
-    elif name in ("cifar10", "cifar100"):
-        pickles = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
-        if os.path.isdir(os.path.join(root, pickles)):
-            from torchvision.datasets import CIFAR10, CIFAR100
-            dataset = (CIFAR10 if name == "cifar10" else CIFAR100)(root, train=split == "train", download=False)
-        else:  # e.g. CIFAR as image files in class folders
+    elif name.startswith("cifar"):  # the python version if it is there, else image files in class folders
+        from torchvision.datasets import CIFAR10, CIFAR100
+        python_version = {"cifar10": (CIFAR10, "cifar-10-batches-py"), "cifar100": (CIFAR100, "cifar-100-python")}
+        cifar, folder = python_version[name]
+        if os.path.isdir(os.path.join(root, folder)):
+            dataset = cifar(root, split == "train", v2.PILToTensor())
+        else:
             dataset = image_folder(root, split, name)
     elif name == "folder":
         dataset = image_files(_split_dir(root, split) or root, name)
@@ -261,61 +223,65 @@ def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_ima
         dataset = image_files(os.path.join(root, "train2017" if split == "train" else "val2017"), name)
     else:  # ade20k
         dataset = image_files(os.path.join(root, "images", "training" if split == "train" else "validation"), name)
-    return pick_fraction(dataset, fraction, seed)
+    if fraction == 1.0:
+        return dataset
+    targets, rng, picked = np.asarray(dataset.targets), np.random.default_rng(seed), []
+    for c in np.unique(targets):  # the same share of every class; unlabelled sets are the one class -1
+        members = rng.permutation(np.flatnonzero(targets == c))
+        picked += members[:max(1, round(fraction * len(members)))].tolist()
+    subset = torch.utils.data.Subset(dataset, sorted(picked))
+    subset.classes, subset.targets = dataset.classes, [dataset.targets[i] for i in subset.indices]
+    return subset
 
 
 # ----------------------------------------------------------------------------- augmentations
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, the usual normalisation for ViTs
 STD = (0.229, 0.224, 0.225)
+BICUBIC = v2.InterpolationMode.BICUBIC
 
 
 def pretrain_transform(img_size, crop_min_scale=0.08, strong=False):
-    """Random resized crop and flip; strong=True adds the small-dataset colour and blur set.
-
-    crop_min_scale is the smallest crop, as a fraction of the image area. The paper says ADE20k
-    crops "at most 25%" of the image; we read that as crops covering at least 25% of the image
-    (crop_min_scale=0.25), since scene images lose their layout in tiny crops.
-    """
-    steps = [transforms.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0),
-                                          interpolation=transforms.InterpolationMode.BICUBIC),
-             transforms.RandomHorizontalFlip()]
-    if strong:  # probabilities as in BYOL / DINO; blur sized relative to the image (23 px at 224)
-        kernel = 2 * round(0.05 * img_size) + 1
-        steps += [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                  transforms.RandomGrayscale(p=0.2),
-                  transforms.RandomApply([transforms.GaussianBlur(kernel, (0.1, 2.0 * img_size / 224))], p=0.5),
-                  transforms.RandomSolarize(threshold=128, p=0.2)]
-    steps += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
-    return transforms.Compose(steps)
+    """Random resized crop and flip, uint8 in and out (normalize() runs on the device); strong=True adds
+    the small datasets' colour jitter, grayscale, blur (sized to the image: 23 px at 224) and solarize.
+    The paper crops ADE20k "at most 25%": we read crops covering at least 25% (crop_min_scale=0.25)."""
+    steps = [v2.RandomResizedCrop(img_size, (crop_min_scale, 1.0), interpolation=BICUBIC, antialias=True),
+             v2.RandomHorizontalFlip()]
+    if strong:  # probabilities as in BYOL and DINO
+        steps += [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2),
+                  v2.RandomApply([v2.GaussianBlur(2 * round(0.05 * img_size) + 1, (0.1, 2.0 * img_size / 224))], p=0.5),
+                  v2.RandomSolarize(threshold=128, p=0.2)]
+    return v2.Compose(steps)
 
 
 def finetune_transform(img_size, randaug_magnitude=9, color_jitter=0.4, erase_prob=0.25):
     """DeiT/BEiT fine-tuning augmentation: crop, flip, colour jitter, RandAugment (2 ops), random
     erasing after normalisation. (torchvision's RandAugment has no magnitude noise, the paper's std 0.5.)"""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.ColorJitter(color_jitter, color_jitter, color_jitter),
-        transforms.RandAugment(2, randaug_magnitude), transforms.ToTensor(), transforms.Normalize(MEAN, STD),
-        transforms.RandomErasing(erase_prob)])
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, interpolation=BICUBIC, antialias=True), v2.RandomHorizontalFlip(),
+        v2.ColorJitter(color_jitter, color_jitter, color_jitter), v2.RandAugment(2, randaug_magnitude),
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD), v2.RandomErasing(erase_prob)])
 
 
 def eval_transform(img_size, crop_ratio=0.875):
     """Resize the short side to img_size / crop_ratio (256 for 224), then take the centre crop."""
-    return transforms.Compose([
-        transforms.Resize(int(img_size / crop_ratio), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size), transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    return v2.Compose([v2.Resize(int(img_size / crop_ratio), interpolation=BICUBIC, antialias=True),
+                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def normalize(images):
+    """uint8 images [..., 3, H, W] -> what ToDtype(scale=True) + Normalize(MEAN, STD) give, on their device."""
+    mean, std = torch.tensor(MEAN, device=images.device).view(3, 1, 1), torch.tensor(STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255 - mean) / std
 
 
 def denormalize(images):
-    """Undo Normalize(MEAN, STD) on [3, H, W] or [B, 3, H, W] images, clamped to [0, 1] for display."""
-    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    """Undo normalize on [..., 3, H, W] images, clamped to [0, 1] for display."""
+    mean, std = torch.tensor(MEAN, device=images.device).view(3, 1, 1), torch.tensor(STD, device=images.device).view(3, 1, 1)
     return (images * std + mean).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- masks and loaders
-
 
 class Augmented(torch.utils.data.Dataset):
     """(image tensor, label): the transform of sample i in epoch e runs under a seed made of
@@ -337,11 +303,11 @@ class Augmented(torch.utils.data.Dataset):
 
     def load(self, i):
         """dataset[i]; an unreadable image is replaced by the next readable one. It is counted where it is
-        sample i itself (so once per epoch, whatever replaces what) and named in a warning once."""
+        sample i itself (once per epoch, whatever replaces what) and named in a warning once."""
         for j in range(i, i + 100):
             try:
                 return self.dataset[j % len(self.dataset)]
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            except (OSError, Image.DecompressionBombError) as e:
                 self.unreadable += j == i
                 if j not in self.warned:
                     self.warned.add(j)
@@ -386,7 +352,7 @@ class Sampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-def leave_stop_signal_to_main(worker_id):
+def leave_stop_signals_to_main(worker_id):
     """Ctrl-C and a scheduler's SIGUSR1 reach every process of the job: the main process saves and exits,
     its loader workers must not die of them. (PyTorch's workers die of a SIGTERM not sent by their
     parent, so with --workers>0 send SIGTERM to the main process only.)"""
@@ -394,18 +360,16 @@ def leave_stop_signal_to_main(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size, train=True, workers=4, seed=0, drop_last=None):
+def make_loader(dataset, batch_size, train=True, workers=4, seed=0):
     """A DataLoader whose order is a function of (seed, epoch): call set_epoch(loader, epoch) before
-    every epoch. Sharded across processes under torch.distributed (for evaluation with
-    drop_last=False, DistributedSampler repeats a few samples so every process gets as many)."""
-    drop_last = train if drop_last is None else drop_last
+    every epoch. Sharded across processes under torch.distributed (in evaluation, DistributedSampler
+    repeats a few samples so that every process gets as many)."""
     distributed = dist.is_available() and dist.is_initialized()
-    sampler = Sampler(
-        dataset, num_replicas=dist.get_world_size() if distributed else 1, rank=dist.get_rank() if distributed else 0,
-        shuffle=train, seed=seed, drop_last=drop_last)
+    sampler = Sampler(dataset, dist.get_world_size() if distributed else 1, dist.get_rank() if distributed else 0,
+                      shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        drop_last=drop_last, persistent_workers=workers > 0, worker_init_fn=leave_stop_signal_to_main,
+        drop_last=train, persistent_workers=workers > 0, worker_init_fn=leave_stop_signals_to_main,
         generator=torch.Generator().manual_seed(seed))  # worker seeds: not drawn from the global RNG
 
 

@@ -8,14 +8,12 @@ Fine-tune a pre-trained encoder (or a random one: the baseline) for image classi
 The encoder's size comes with its checkpoint. Reports top-1 / top-5 on the validation split every
 epoch and keeps the best weights in best.pt; relaunching the same command resumes from out_dir.
 """
-import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -154,23 +152,16 @@ def main():
     state = common.resume(ckpt_path, cfg, model, optimizer, scaler)
     step, best = (state["step"], state["best_top1"]) if state else (0, 0.0)
     if step >= total_steps:
-        common.print0(f"{ckpt_path} has finished its {total_steps} steps: nothing left to train (best top-1 "
-                      f"{best:.2f}% in {cfg['out_dir']}/best.pt)")
-        return
-    raw_model = model
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") if common.MASTER else None
+        return common.print0(f"{ckpt_path} has finished its {total_steps} steps: nothing left to train (best "
+                             f"top-1 {best:.2f}% in {cfg['out_dir']}/best.pt)")
+    train_model = common.wrap(model, cfg, device)
     common.print0(f"fine-tuning ViT-{cfg['model']}/{cfg['patch_size']} at {cfg['img_size']} px from "
                   f"{cfg['init'] or 'random init'}: {len(train_images)} images, {num_classes} classes, "
                   f"{common.plural(cfg['epochs'], 'epoch')} of {steps_per_epoch} steps")
-    if log:
-        log.write(json.dumps({"config": cfg, "world": world}) + "\n")
+    common.log(cfg, {"config": cfg, "world": world})
 
     def checkpoint(**extra):  # a collective: every process's RNG state goes in
-        common.save_run(ckpt_path, cfg, raw_model, optimizer, scaler, step, best_top1=best, **extra)
+        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best, **extra)
 
     # the loop
     bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
@@ -178,7 +169,7 @@ def main():
     while step < total_steps:
         epoch = step // steps_per_epoch
         data.set_epoch(loader, epoch, skip_batches=step % steps_per_epoch)
-        model.train()
+        train_model.train()
         loss_sum, count, tick = torch.zeros((), device=device), 0, time.perf_counter()
         for images, labels in loader:
             lr = common.lr_at(step, total_steps, cfg["warmup_epochs"] * steps_per_epoch, peak_lr, cfg["min_lr"])
@@ -188,14 +179,12 @@ def main():
             images, targets = mix(images, labels) if mix else (images, F.one_hot(labels, num_classes).float())
             targets = targets * (1 - cfg["label_smoothing"]) + cfg["label_smoothing"] / num_classes
             with autocast:
-                loss = F.cross_entropy(model(images).float(), targets)
+                loss = F.cross_entropy(train_model(images).float(), targets)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            count += 1
-            step += 1
+            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
             bar.update(1)
             stopping = stop()  # asked after every step, so that a signal stops the run within one step
             if (step % cfg["log_every"] or step % steps_per_epoch == 0) and not stopping:
@@ -203,9 +192,7 @@ def main():
             row = dict(step=step, epoch=epoch, lr=lr, loss=loss_sum.item() / count,  # a log step: a host sync
                        img_s=count * cfg["batch_size"] / (time.perf_counter() - tick))
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['img_s']:.0f}")
-            if log:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+            common.log(cfg, row)
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
                 checkpoint()
                 stop.exit(ckpt_path, step)
@@ -218,17 +205,14 @@ def main():
         common.check_health(cfg, step, [train_loss], scaler, unreadable, len(train_images), epoch)
         if unreadable:
             common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch}")
-        top1, top5 = evaluate(model, val_loader, device, autocast)
-        if log:
+        top1, top5 = evaluate(train_model, val_loader, device, autocast)
+        if common.MASTER:
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}, val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-            log.write(json.dumps(dict(epoch=epoch, step=step, train_loss=train_loss, top1=top1, top5=top5,
-                                      unreadable=unreadable)) + "\n")
-            log.flush()
-        if top1 > best:
-            best = top1
-            if common.MASTER:
-                common.save(os.path.join(cfg["out_dir"], "best.pt"), dict(model=raw_model.state_dict(), config=cfg,
-                                                                          top1=top1, epoch=epoch + 1))
+        common.log(cfg, dict(epoch=epoch, step=step, train_loss=train_loss, top1=top1, top5=top5, unreadable=unreadable))
+        if top1 > best and common.MASTER:
+            common.save(os.path.join(cfg["out_dir"], "best.pt"), dict(model=model.state_dict(), config=cfg, top1=top1,
+                                                                      epoch=epoch + 1))
+        best = max(best, top1)
         checkpoint(top1=top1)
         if stopping:
             stop.exit(ckpt_path, step)

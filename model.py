@@ -9,6 +9,7 @@ info_nce     the symmetric InfoNCE loss, fused: tiled, fp32, no N x N tensor kep
              negatives gathered across processes.
 """
 import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -17,10 +18,7 @@ import torch.nn.functional as F
 # name -> (width, depth, heads), as in Dosovitskiy et al. and DeiT.
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
 
-# -----------------------------------------------------------------------------
-# The transformer
-
-
+# ------------------------------ The transformer
 def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch of some samples (and rescale the rest)."""
     if p == 0.0 or not training:
@@ -51,7 +49,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = drop_path
         self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale > 0 else None
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale > 0 else None
@@ -64,18 +63,14 @@ class Block(nn.Module):
 
 
 def init_weights(module):
-    """ViT/BEiT initialisation: truncated normal (std 0.02) for linear layers and learned embeddings."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    """ViT/BEiT initialisation: truncated normal (std 0.02) for the weights of linear layers and the
+    patch embedding, the position embedding and the mask token; zero biases. Norms start at 1 and
+    layer-scale gains at their value, as built."""
     for name, p in module.named_parameters():
-        if "pos_embed" in name or "mask" in name:
+        if p.dim() > 1:
             nn.init.trunc_normal_(p, std=0.02)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
 
 
 def gather_tokens(x, index):
@@ -127,10 +122,7 @@ def transformer_flops(tokens, seq_len, dim, depth):
     return depth * tokens * (24 * dim * dim + 4 * seq_len * dim)
 
 
-# -----------------------------------------------------------------------------
-# SplitMask: split, inpaint, match
-
-
+# ------------------------------ SplitMask: split, inpaint, match
 class SplitMask(nn.Module):
     def __init__(self, encoder, vocab_size, decoder_depth=2, mim_weight=1.0, nce_weight=1.0, temperature=0.2):
         super().__init__()
@@ -139,10 +131,12 @@ class SplitMask(nn.Module):
         self.mim_weight, self.nce_weight, self.temperature = mim_weight, nce_weight, temperature
         self.mask_embed = nn.Parameter(torch.zeros(1, 1, D))
         # decoder width = encoder width (paper, Sec. 3); layer scale as in the encoder
-        self.decoder = nn.ModuleList(Block(D, encoder.heads, 4.0, 0.0, encoder.layer_scale) for _ in range(decoder_depth))
+        self.decoder = nn.ModuleList(Block(D, encoder.heads, 4.0, 0.0, encoder.layer_scale)
+                                     for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, vocab_size)
-        init_weights(self.decoder), init_weights(self.head), init_weights(self.decoder_norm)
+        for part in (self.decoder, self.head, self.decoder_norm):
+            init_weights(part)
         nn.init.trunc_normal_(self.mask_embed, std=0.02)
 
     def forward(self, images, token_ids, visible):
@@ -188,10 +182,7 @@ class SplitMask(nn.Module):
         return 3 * fwd
 
 
-# -----------------------------------------------------------------------------
-# BEiT baseline (Bao et al., 2021): mask tokens inside the encoder, a linear head on top
-
-
+# ------------------------------ BEiT baseline (Bao et al., 2021): mask tokens inside the encoder, a linear head on top
 class BEiT(nn.Module):
     def __init__(self, encoder, vocab_size):
         super().__init__()
@@ -211,8 +202,8 @@ class BEiT(nn.Module):
         targets = torch.gather(token_ids, 1, masked)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         pred_ids = logits.argmax(-1)
-        acc = (pred_ids == targets).float().mean()
-        return {"loss": loss, "mim_loss": loss.detach(), "nce_loss": loss.new_zeros(()), "mim_acc": acc, "pred_ids": pred_ids}
+        return {"loss": loss, "mim_loss": loss.detach(), "nce_loss": loss.new_zeros(()), "pred_ids": pred_ids,
+                "mim_acc": (pred_ids == targets).float().mean()}
 
     def flops_per_image(self, mask_ratio=0.4):
         enc, n = self.encoder, self.encoder.num_patches
@@ -258,30 +249,24 @@ def param_groups(model, weight_decay, layer_decay=1.0):
     """AdamW groups: no weight decay on biases, norms, layer-scale gains, position embedding, tokens.
     layer_decay < 1 (fine-tuning, BEiT Sec. 2.6): the lr of a parameter at depth i is scaled by
     layer_decay ** (L + 1 - i), with depth 0 for the embeddings, i + 1 for block i, L + 1 for the rest."""
-    depth = model.encoder.depth
-    groups = {}
+    depth, groups = model.encoder.depth, {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "pos_embed" in name or "mask" in name
-        if name.startswith("encoder.patch_embed") or name == "encoder.pos_embed":
+        if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
             layer = 0
         elif name.startswith("encoder.blocks."):
             layer = int(name.split(".")[2]) + 1
         else:
             layer = depth + 1
-        key = (layer, no_decay)
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                           "lr_scale": layer_decay ** (depth + 1 - layer)}
-        groups[key]["params"].append(p)
+        group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(p)
     return list(groups.values())
 
 
-# -----------------------------------------------------------------------------
-# InfoNCE
-
-
+# ------------------------------ InfoNCE
 def info_nce_reference(xa, xb, temperature=0.2):
     """The readable definition (one process): l(x_a) = -log softmax over all x_b of x_a.x_b/t at the
     positive, and the same with a and b swapped; the two directions are averaged."""

@@ -125,7 +125,7 @@ def _images_of(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def sample_patches(loader, patch_size, num_patches, seed):
+def sample_patches(loader, patch_size, num_patches, seed, prepare=lambda images: images):
     """Exactly num_patches random tokenizer patches [num_patches, dim] from a loader of images.
 
     Each image gives ceil(num_patches / images per pass) distinct random patches (all of them if the
@@ -142,7 +142,7 @@ def sample_patches(loader, patch_size, num_patches, seed):
         while gathered < num_patches:
             before = gathered
             for batch in loader:
-                patches = tokenizer_patches(_images_of(batch), patch_size)  # [B, n, d]
+                patches = tokenizer_patches(prepare(_images_of(batch)), patch_size)  # [B, n, d]
                 B, n, d = patches.shape
                 k = n if per_image is None else min(per_image, n)
                 pick = torch.rand(B, n, generator=g).argsort(dim=1)[:, :k].to(patches.device)
@@ -157,7 +157,7 @@ def sample_patches(loader, patch_size, num_patches, seed):
 
 
 def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_patches=1_000_000,
-                kmeans_iters=20, device=None):
+                kmeans_iters=20, device=None, prepare=lambda images: images):
     """A vocabulary [V, 3*(patch_size//2)**2] of unit rows, on the CPU. kind: one of VOCAB_KINDS.
 
     random_projection needs no data; the others sample num_patches patches from loader (the paper
@@ -167,7 +167,7 @@ def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_patches=1_0
     assert kind == "random_projection" or loader is not None, f"{kind} samples training patches: pass a loader"
     if kind == "random_projection":
         return random_projection_vocab(vocab_size, 3 * (patch_size // 2) ** 2, seed)
-    patches = sample_patches(loader, patch_size, num_patches, seed)
+    patches = sample_patches(loader, patch_size, num_patches, seed, prepare)
     if kind == "random_patches":
         return random_patches_vocab(patches, vocab_size, seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

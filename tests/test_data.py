@@ -6,7 +6,7 @@ from PIL import Image
 
 import data
 from data import (MEAN, STD, MaskedImages, SyntheticShapes, build_dataset, denormalize, eval_transform,
-                  load_rgb, make_loader, pretrain_transform, set_epoch)
+                  load_rgb, make_loader, normalize, pretrain_transform, read_image, set_epoch)
 
 
 def pixels(image):
@@ -27,7 +27,7 @@ def test_synthetic_is_deterministic_per_index_and_split():
 @pytest.mark.parametrize("size", [16, 32, 224])
 def test_synthetic_any_size(size):
     image, label = SyntheticShapes(3, size)[2]
-    assert image.mode == "RGB" and image.size == (size, size)
+    assert image.dtype == torch.uint8 and image.shape == (3, size, size)
     assert isinstance(label, int)
 
 
@@ -43,7 +43,7 @@ def test_synthetic_labels_cover_all_classes_evenly():
 def test_synthetic_label_is_not_in_the_mean_colour():
     # A nearest-class-mean classifier on per-image mean RGB must stay near chance (10%).
     def mean_rgb(dataset):
-        return np.stack([pixels(dataset[i][0]).mean((0, 1)) for i in range(len(dataset))])
+        return np.stack([pixels(dataset[i][0]).mean((1, 2)) for i in range(len(dataset))])
     train, val = SyntheticShapes(500, 16, "train"), SyntheticShapes(500, 16, "val")
     x_train, x_val = mean_rgb(train), mean_rgb(val)
     y_train, y_val = np.array(train.targets), np.array(val.targets)
@@ -95,7 +95,7 @@ def test_imagefolder_labels_and_rgb(tmp_path):
     assert sorted(train.targets) == [0] * 6 + [1] * 2
     for i in range(len(train)):
         image, label = train[i]
-        assert image.mode == "RGB" and label == train.targets[i]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3 and label == train.targets[i]
     val = build_dataset("imagenette", str(tmp_path), "val")  # "validation" counts as val
     assert val.targets == [0, 1]
 
@@ -108,7 +108,7 @@ def test_folder_finds_nested_images_unlabelled(tmp_path):
     dataset = build_dataset("folder", str(tmp_path), "train")
     assert len(dataset) == 2 and dataset.targets == [-1, -1]
     image, label = dataset[0]
-    assert image.mode == "RGB" and label == -1
+    assert image.dtype == torch.uint8 and image.shape[0] == 3 and label == -1
     (tmp_path / "train2017").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "train2017" / "1.jpg")
     assert len(build_dataset("coco", str(tmp_path), "train")) == 1
@@ -154,15 +154,111 @@ def test_clear_errors(tmp_path):
 # ----------------------------------------------------------------------------- transforms
 
 def test_pretrain_transform_normalises():
-    grey = Image.new("RGB", (40, 30), (128, 128, 128))
-    out = pretrain_transform(32)(grey)
+    grey = torch.full((3, 30, 40), 128, dtype=torch.uint8)
+    out = normalize(pretrain_transform(32)(grey))  # uint8 crops, normalised on the training device
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     expected = (128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     assert torch.allclose(out, expected.view(3, 1, 1).expand(3, 32, 32), atol=1e-5)
     assert torch.allclose(denormalize(out), torch.full((3, 32, 32), 128 / 255), atol=1e-5)
     strong = pretrain_transform(32, crop_min_scale=0.25, strong=True)(SyntheticShapes(1, 48)[0][0])
-    assert strong.shape == (3, 32, 32) and strong.dtype == torch.float32
-    assert eval_transform(32)(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+    assert strong.shape == (3, 32, 32) and strong.dtype == torch.uint8
+    assert eval_transform(32)(torch.zeros(3, 40, 50, dtype=torch.uint8)).shape == (3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- the loader against plain torchvision
+# Test images carry their coordinates (red = x, green = y), so the crop box and flip can be read back from pixels.
+GREY_STD = torch.tensor(STD).view(3, 1, 1) * 255  # normalised units -> grey levels
+
+
+def coordinate_jpeg(folder, width, height, mode="RGB"):
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    path = str(folder / f"{width}x{height}{mode}.jpg")
+    Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)).convert(mode).save(path, quality=95)
+    return path
+
+
+def torchvision_crop(path, seed, scale, size=224):
+    """The plain torchvision pipeline: PIL decode, RandomResizedCrop, flip, ToTensor, Normalize."""
+    from torchvision import transforms as T
+    torch.manual_seed(seed)
+    return T.Compose([T.RandomResizedCrop(size, scale, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])(Image.open(path).convert("RGB"))
+
+
+def our_crop(path, seed, scale, size=224):
+    torch.manual_seed(seed)
+    out = pretrain_transform(size, scale[0])(read_image(path))
+    assert out.dtype == torch.uint8 and out.shape == (3, size, size)
+    return normalize(out)
+
+
+def grey_levels(a, b):
+    return ((a - b).abs() * GREY_STD).mean().item()
+
+
+def geometry(normalised, width, height, size=224, margin=16):
+    """(centre x, centre y, width, height) of the crop as shares of the image, and the flip, read from
+    the coordinate pattern by a linear fit of red per column and green per row."""
+    grey = (normalised * GREY_STD + torch.tensor(MEAN).view(3, 1, 1) * 255).double()
+    u = torch.arange(margin, size - margin, dtype=torch.double) - (size - 1) / 2
+    inner = grey[:, margin:size - margin, margin:size - margin]
+    fits = []
+    for profile, n in ((inner[0].mean(0), width), (inner[1].mean(1), height)):
+        slope, pixels = (profile * u).sum() / (u * u).sum(), (n - 1) / 255  # image pixels per grey level
+        fits.append(((profile.mean() * pixels + 0.5) / n, abs(slope) * pixels * size / n, slope < 0))
+    (cx, w, flipped), (cy, h, _) = fits
+    return [cx.item(), cy.item(), w.item(), h.item(), float(flipped)]
+
+
+@pytest.mark.parametrize("width, height, scale", [(160, 120, (0.08, 1.0)), (640, 480, (0.08, 1.0)),
+                                                  (640, 480, (0.6, 1.0))])
+def test_same_seed_same_crop_as_torchvision(tmp_path, width, height, scale):
+    path = coordinate_jpeg(tmp_path, width, height)
+    for seed in range(10):
+        ref, out = torchvision_crop(path, seed, scale), our_crop(path, seed, scale)
+        assert grey_levels(ref, out) < 1.0, (seed, grey_levels(ref, out))
+        np.testing.assert_allclose(geometry(out, width, height), geometry(ref, width, height), atol=0.01)
+
+
+def test_same_resampling_as_torchvision_on_texture(tmp_path):
+    """A smooth pattern cannot see the resampling filter; noise can (no antialiasing: 1-3 grey levels off)."""
+    path = str(tmp_path / "texture.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(noise).resize((640, 480), Image.BICUBIC).save(path, quality=95)
+    for seed in range(6):
+        assert grey_levels(torchvision_crop(path, seed, (0.08, 1.0)), our_crop(path, seed, (0.08, 1.0))) < 0.5
+
+
+def test_crop_and_flip_statistics_match_torchvision(tmp_path):
+    """Over 300 seeds each, disjoint, so that this checks the distribution and not the shared RNG draws."""
+    path = coordinate_jpeg(tmp_path, 160, 120)
+    ref = np.array([geometry(torchvision_crop(path, s, (0.08, 1.0), 64), 160, 120, 64, 4) for s in range(300)])
+    out = np.array([geometry(our_crop(path, s, (0.08, 1.0), 64), 160, 120, 64, 4) for s in range(10_000, 10_300)])
+    assert 0.25 < ref[:, 4].mean() < 0.75 and ref[:, 2].min() < 0.4 and ref[:, 2].max() > 0.95  # the read-back works
+    # about 3.5 standard deviations of the difference between two samples of 300
+    np.testing.assert_allclose(out[:, :4].mean(0), ref[:, :4].mean(0), atol=0.04)
+    assert abs(out[:, 4].mean() - ref[:, 4].mean()) < 0.15
+    np.testing.assert_allclose(np.percentile(out[:, :4], [25, 50, 75], 0), np.percentile(ref[:, :4], [25, 50, 75], 0),
+                               atol=0.1)
+
+
+def test_read_image_gives_pils_pixels(tmp_path):
+    expected = write_awkward_images(tmp_path)  # PNGs of every mode, and a CMYK JPEG
+    paths = [tmp_path / name for name in expected] + [coordinate_jpeg(tmp_path, 64, 48, mode) for mode in ("L", "CMYK")]
+    for path in paths:
+        ours, pil = read_image(path), torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
+        assert ours.dtype == torch.uint8 and torch.equal(ours, pil), path
+    (tmp_path / "cut.jpg").write_bytes(open(paths[-1], "rb").read()[:200])
+    with pytest.raises(OSError, match="cut.jpg"):
+        read_image(tmp_path / "cut.jpg")
+
+
+def test_normalize_is_totensor_then_normalize():
+    from torchvision import transforms as T
+    image = torch.randint(0, 256, (3, 37, 41), dtype=torch.uint8)
+    expected = T.Normalize(MEAN, STD)(T.ToTensor()(image.permute(1, 2, 0).numpy()))
+    assert torch.equal(normalize(image[None])[0], expected)
 
 
 # ----------------------------------------------------------------------------- masks and loaders
