@@ -3,14 +3,14 @@ Speed of the real training step, as ratios measured in one run (they hold on noi
 
     python bench.py                                    # ViT-S/16 at 224 px: float32 on a CPU, bfloat16 on a GPU
     python bench.py --device=cuda --model=base --batch_size=256 --compile=True
-    python bench.py --data=data/imagenette2            # adds the data-loading rows
+    python bench.py --data=data/imagenette2            # the loading rows on a dataset's own files
 
 Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MFU against a dense
-matmul; SplitMask vs BEiT (time ratio next to FLOP ratio); our ViT vs a stack of
-nn.TransformerEncoderLayer; fused vs naive InfoNCE (time, peak memory); tokenization as a share of
-the step; data loading per worker vs the step. The calls a ratio compares take turns, round after
-round, and each time is the fastest of its rounds (a busy machine only ever adds time).
-Writes out/bench.json too.
+matmul (and the datasheet on known GPUs), with peak GPU memory; SplitMask vs BEiT (time ratio next to
+FLOP ratio); our ViT vs a stack of nn.TransformerEncoderLayer; fused vs naive InfoNCE (time, peak
+memory); tokenization as a share of the step; our loader against the plain torchvision pipeline per
+worker, and the workers the step needs. The calls a ratio compares take turns, round after round, and
+each time is the fastest of its rounds (a busy machine only ever adds time). Writes out/bench.json too.
 """
 import ctypes
 import json
@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import common
 import data
@@ -43,7 +44,9 @@ config = dict(
     steps=5,  # timed rounds; each function reports its fastest
     compile=False,  # torch.compile the models
     nce_sizes="256,1024,4096,8192,16384",  # global batch sizes for the InfoNCE rows ("" skips them)
-    data="",  # a folder of JPEGs (e.g. data/imagenette2) for the loading rows
+    loader=True,  # the loading rows: our loader against plain torchvision, and the workers a step needs
+    data="",  # a folder of images for the loading rows; "": 64 JPEGs at 640x480 written to out/bench_jpegs
+    gpu_img_s=3000.0,  # the step rate the loader must feed without a GPU (ViT-B SplitMask, one H200, 45% MFU)
     out="out/bench.json",  # the rows as JSON
 )
 # Dense bf16 datasheet peaks (FLOP/s), for the GPU MFU against the vendor's number.
@@ -166,17 +169,33 @@ def nce_rows(sizes, dim, device):
     return rows
 
 
-def loading_rows(cfg, folder):
-    """Images/s of one loader worker (decode, crop, flip, normalise, mask) on real files."""
-    images = data.build_dataset("folder", folder, "train", cfg["img_size"])
-    grid = cfg["img_size"] // cfg["patch_size"]
-    dataset = data.MaskedImages(images, data.pretrain_transform(cfg["img_size"]), grid, "splitmask", 0.5, "block", 16)
-    picks = np.random.default_rng(0).choice(len(dataset), min(64, len(dataset)), replace=False)
-    dataset[int(picks[0])]
-    start = time.perf_counter()
-    for i in picks:
-        dataset[int(i)]
-    return len(picks) / (time.perf_counter() - start)
+def write_jpegs(folder, count=64):
+    """Without a dataset: count 640x480 JPEGs (COCO's size) of the built-in scenes, drawn at 480 px."""
+    os.makedirs(folder, exist_ok=True)
+    scenes = data.SyntheticShapes(count, 480, seed=1)
+    for i in range(count):
+        Image.fromarray(scenes[i][0].permute(1, 2, 0).numpy()).resize((640, 480)).save(f"{folder}/{i}.jpg", quality=90)
+    return folder
+
+
+def loading_rows(cfg, folder, rounds=3):
+    """Images/s of one loader worker (one thread) on the same files: our pipeline (torchvision decode, uint8
+    crop and flip, masks; normalised later on the device) and the plain torchvision one (PIL decode,
+    RandomResizedCrop, flip, ToTensor, Normalize), taking turns round by round."""
+    from torchvision import transforms as T
+    files = data.build_dataset("folder", folder, "train").samples[:64]
+    size, threads = cfg["img_size"], torch.get_num_threads()
+    ours = data.MaskedImages(data.ImageFiles(files, []), data.pretrain_transform(size), size // cfg["patch_size"],
+                             "splitmask", 0.5, "block", 16)
+    plain = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
+                       T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
+    calls = dict(ours=lambda: [ours.transform(data.read_image(path)) for path, _ in files],
+                 ours_with_masks=lambda: [ours[i] for i in range(len(files))],
+                 torchvision=lambda: [plain(Image.open(path).convert("RGB")) for path, _ in files])
+    torch.set_num_threads(1)  # as in a loader worker
+    t = seconds_per_call(calls, torch.device("cpu"), 1, rounds)
+    torch.set_num_threads(threads)
+    return {name: len(files) / seconds for name, seconds in t.items()}
 
 
 def machine(device):
@@ -220,6 +239,8 @@ def main():
         if device.type == "cuda" and name in machine(device):
             row("SplitMask MFU vs datasheet", f"{B * f_split / t_split / peak:.1%}", f"{name} bf16 dense {peak / 1e12:.0f} TFLOP/s")
             row("300 ImageNet epochs (1.28M img)", f"{300 * 1.281e6 / (B / t_split) / 3600:.1f} h", "on this one device")
+    if device.type == "cuda":
+        row("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", "the largest step above")
     row("BEiT step", f"{B / t_beit:.1f} img/s", f"MFU {B * f_beit / t_beit / matmul:.1%}")
     row("SplitMask / BEiT step time", f"{t_split / t_beit:.2f}x", f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
     row("tokenization share of the step", f"{t['tokenize'] / t_split:.2%}", f"{t['tokenize'] * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
@@ -232,9 +253,16 @@ def main():
         memory = f"{m_fused / 2**20:.0f} vs {m_naive / 2**20:.0f} MiB" if min(m_fused, m_naive) >= 0 else "memory n/a"
         row(f"InfoNCE N={n}: fused / naive", f"{t_fused / t_naive:.2f}x time",
             f"{m_fused / max(1, m_naive):.3f}x memory ({memory})")
-    if cfg["data"]:
-        per_worker = loading_rows(cfg, cfg["data"])
-        row("loading: img/s per worker", f"{per_worker:.1f} img/s", f"workers to feed the step: {B / t_split / per_worker:.2g}")
+    if cfg["loader"]:
+        folder = cfg["data"] or write_jpegs(os.path.join(os.path.dirname(cfg["out"]) or ".", "bench_jpegs"))
+        rate = loading_rows(cfg, folder)
+        files = f"{'' if cfg['data'] else '640x480 '}JPEGs of {folder}"
+        row("loading: plain torchvision, one worker", f"{rate['torchvision']:.0f} img/s", f"{files} -> {cfg['img_size']} px")
+        row("loading: ours, one worker", f"{rate['ours']:.0f} img/s",
+            f"{rate['ours'] / rate['torchvision']:.2f}x torchvision's; {rate['ours_with_masks']:.0f} img/s with masks")
+        step_rate = B / t_split if device.type == "cuda" else cfg["gpu_img_s"]
+        row("loader workers to feed the step", f"{step_rate / rate['ours_with_masks']:.1f}",
+            f"at {step_rate:.0f} img/s ({'this step' if device.type == 'cuda' else 'a stated GPU rate: --gpu_img_s'})")
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     with open(cfg["out"], "w") as f:
         json.dump(dict(config=cfg, machine=machine(device), torch=torch.__version__, rows=rows,

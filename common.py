@@ -34,12 +34,19 @@ def fail(message):
     sys.exit(1)
 
 
-def check(cfg, rules):
-    """Validate settings at the command-line boundary: the first broken (ok, message) rule stops the run."""
-    for ok, message in rules:
+def check(cfg, rules=()):
+    """Validate settings at the command-line boundary: the first broken (ok, message) rule stops the run.
+    The rules every stage shares come first, then the script's own."""
+    shared = [(cfg["img_size"] > 0 and cfg["img_size"] % cfg["patch_size"] == 0,
+               f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}")]
+    if "epochs" in cfg:  # a training run
+        shared += [(min(cfg["batch_size"], cfg["epochs"]) > 0, "--batch_size and --epochs must be positive"),
+                   (0 <= cfg["warmup_epochs"] <= cfg["epochs"], f"--warmup_epochs={cfg['warmup_epochs']} is more than "
+                    f"--epochs={cfg['epochs']}: the learning rate would never reach its peak; pass a smaller one")]
+    for ok, message in [*shared, *rules]:
         if not ok:
             fail(message)
-    if "warmup_epochs" in cfg and cfg["warmup_epochs"] == cfg["epochs"]:
+    if "epochs" in cfg and cfg["warmup_epochs"] == cfg["epochs"]:
         print0(f"warning: --warmup_epochs={cfg['warmup_epochs']} of --epochs={cfg['epochs']}: the learning rate only "
                "rises, it never decays")
 
@@ -71,14 +78,10 @@ def configure(config, doc, script, presets={}, chosen=lambda cfg: [], choices={}
             hint = f"; did you mean {', '.join('--' + k for k in close)}?" if close and key and eq else ""
             fail(f"unknown or malformed flag {arg!r} (expected --key=value; see --help){hint}")
         kind = type(config[key])
-        if kind is bool and text.lower() in ("true", "false", "1", "0"):
-            given[key] = text.lower() in ("true", "1")
-        else:
-            try:
-                assert kind is not bool
-                given[key] = kind(text)
-            except (AssertionError, ValueError):
-                fail(f"--{key}={text!r} is not a valid {kind.__name__}")
+        try:
+            given[key] = {"true": True, "1": True, "false": False, "0": False}[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            fail(f"--{key}={text!r} is not a valid {kind.__name__}")
     cfg = dict(config)
     for name in [name for name in chosen({**config, **given}) if name in presets]:
         cfg.update(presets[name])
@@ -169,10 +172,10 @@ def keep_freed_memory():
 
 
 def matmul_flops(device, dtype):
-    """FLOP/s of a dense matmul on this device, measured now: the denominator of the logged MFU."""
+    """FLOP/s of a dense matmul on this device, measured now (the fastest of a few): the MFU's denominator."""
     size = 4096 if device.type == "cuda" else 1024 if dtype == "float32" else 256  # CPUs may emulate 16 bits
-    a = torch.randn(size, size, device=device, generator=torch.Generator(device).manual_seed(0)).to(getattr(torch, dtype))
-    seconds = []
+    a = torch.randn(size, size, device=device, generator=torch.Generator(device))  # not the training RNG stream
+    a, seconds = a.to(getattr(torch, dtype)), []
     for _ in range(4):
         start = time.perf_counter()
         (a @ a).sum().item()  # .item() waits for the GPU

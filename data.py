@@ -1,10 +1,6 @@
-"""Images in, batches out: the datasets, their augmentations, the masks and the loaders.
-
-Every dataset yields (uint8 image tensor [3, H, W], int label), label -1 when there is none.
-`SyntheticShapes` needs nothing from outside, so everything runs on a fresh machine; `build_dataset`
-reads the paper's datasets from their usual folder layouts. Augmentations are torchvision's, on uint8
-tensors (3-4x faster than on PIL images); pre-training batches stay uint8 until `normalize` runs on
-the device. `MaskedImages` adds each image's mask and `make_loader` batches it all.
+"""Images in, batches out: datasets (each item a uint8 image [3, H, W] and a label, -1 if none),
+augmentations (torchvision's, on uint8 tensors: 3-4x faster than on PIL images; pre-training batches
+stay uint8 until `normalize` runs on the device), masks and loaders.
 """
 import colorsys
 import os
@@ -19,7 +15,7 @@ from torchvision.transforms import v2
 
 from masking import beit_mask, split_patches
 
-try:  # torchvision decodes JPEGs to PIL's exact pixels, faster; without it (torchvision > 0.29?), PIL does
+try:  # torchvision decodes JPEGs to PIL's exact pixels, faster; PIL does it where a torchvision has no decoder
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:
     decode_jpeg = None
@@ -27,14 +23,13 @@ except ImportError:
 # ----------------------------------------------------------------------------- built-in scenes
 
 
-def _polygon(radii):  # radius radii[i] at angle 2 pi i / len(radii): regular polygons and stars
-    t = 2 * np.pi * np.arange(len(radii)) / len(radii)
+def _polygon(radii, angles=None):  # radius radii[i] at angles[i] (degrees; default: evenly spaced)
+    t = np.radians(np.arange(len(radii)) * 360 / len(radii) if angles is None else angles)
     return np.stack([np.cos(t), np.sin(t)], 1) * np.asarray(radii, dtype=float)[:, None]
 
 
-def _arc(cx, r, start, stop):  # 24 points on the circle of centre (cx, 0), from angle start to stop (degrees)
-    t = np.radians(np.linspace(start, stop, 24))
-    return np.stack([cx + r * np.cos(t), r * np.sin(t)], 1)
+def _arc(cx, r, start, stop):  # 24 points on the circle of centre (cx, 0), from angle start to stop
+    return _polygon([r] * 24, np.linspace(start, stop, 24)) + [cx, 0]
 
 
 _t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
@@ -43,7 +38,8 @@ SHAPES = {  # class c draws shape c: outlines within the unit disc; the ring is 
     "star": _polygon([1, 0.4] * 5), "cross": _polygon([1, 0.42, 0.42] * 4), "ring": None,
     "crescent": np.concatenate([_arc(0, 1, 53, 307), _arc(0.6, 0.8, 270, 90)]), "half-disc": _arc(0, 1, 0, 180),
     "arrow": np.array([[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3], [0.1, -0.75]]),
-    "heart": np.stack([np.sin(_t) ** 3, (5 * np.cos(2 * _t) + 2 * np.cos(3 * _t) + np.cos(4 * _t) - 13 * np.cos(_t)) / 16], 1),
+    "heart": np.stack([np.sin(_t) ** 3, (5 * np.cos(2 * _t) + 2 * np.cos(3 * _t) + np.cos(4 * _t) - 13 * np.cos(_t))
+                       / 16], 1),
 }
 
 
@@ -56,13 +52,12 @@ class SyntheticShapes(torch.utils.data.Dataset):
     comes from np.random.default_rng((seed, split, i)): the same on every machine and in every epoch."""
 
     def __init__(self, num_images=2000, img_size=32, split="train", seed=0):
-        self.num_images, self.img_size, self.seed = num_images, img_size, seed
-        self.split_id = ("train", "val", "test").index(split)
+        self.img_size, self.seed, self.split_id = img_size, seed, ("train", "val", "test").index(split)
         self.classes = list(SHAPES)
         self.targets = [i % len(SHAPES) for i in range(num_images)]  # every split exactly class-balanced
 
     def __len__(self):
-        return self.num_images
+        return len(self.targets)
 
     def __getitem__(self, i):
         rng, label, big = np.random.default_rng((self.seed, self.split_id, i)), self.targets[i], 2 * self.img_size
@@ -90,7 +85,6 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- image files
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -144,7 +138,6 @@ def _image_files(folder):
 
 
 # ----------------------------------------------------------------------------- datasets
-
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
 LABELLED_FOLDERS = ("imagefolder", "imagenette", "imagenet", "inat2018", "inat2019", "food101", "cars",
                     "clipart", "painting", "sketch")
@@ -235,16 +228,15 @@ def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_ima
 
 
 # ----------------------------------------------------------------------------- augmentations
-
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, the usual normalisation for ViTs
 STD = (0.229, 0.224, 0.225)
 BICUBIC = v2.InterpolationMode.BICUBIC
 
 
 def pretrain_transform(img_size, crop_min_scale=0.08, strong=False):
-    """Random resized crop and flip, uint8 in and out (normalize() runs on the device); strong=True adds
-    the small datasets' colour jitter, grayscale, blur (sized to the image: 23 px at 224) and solarize.
-    The paper crops ADE20k "at most 25%": we read crops covering at least 25% (crop_min_scale=0.25)."""
+    """Random resized crop and flip, uint8 in and out; strong=True adds the small datasets' colour jitter,
+    grayscale, blur (23 px at 224) and solarize. The paper crops ADE20k "at most 25%": we read crops
+    covering at least 25% (crop_min_scale=0.25)."""
     steps = [v2.RandomResizedCrop(img_size, (crop_min_scale, 1.0), interpolation=BICUBIC, antialias=True),
              v2.RandomHorizontalFlip()]
     if strong:  # probabilities as in BYOL and DINO
@@ -269,16 +261,11 @@ def eval_transform(img_size, crop_ratio=0.875):
                        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
-def normalize(images):
-    """uint8 images [..., 3, H, W] -> what ToDtype(scale=True) + Normalize(MEAN, STD) give, on their device."""
-    mean, std = torch.tensor(MEAN, device=images.device).view(3, 1, 1), torch.tensor(STD, device=images.device).view(3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
-def denormalize(images):
-    """Undo normalize on [..., 3, H, W] images, clamped to [0, 1] for display."""
-    mean, std = torch.tensor(MEAN, device=images.device).view(3, 1, 1), torch.tensor(STD, device=images.device).view(3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
+def normalize(images, undo=False):
+    """uint8 images [..., 3, H, W] -> what ToDtype(scale=True) + Normalize(MEAN, STD) give, on their device.
+    undo=True: back to [0, 1] for display."""
+    mean, std = (torch.tensor(stat, device=images.device).view(3, 1, 1) for stat in (MEAN, STD))
+    return (images * std + mean).clamp(0, 1) if undo else (images.float() / 255 - mean) / std
 
 
 # ----------------------------------------------------------------------------- masks and loaders
@@ -322,8 +309,8 @@ class Augmented(torch.utils.data.Dataset):
 
 
 class MaskedImages(Augmented):
-    """(image tensor, mask, label): the mask is SplitMask's [2, k] visible patch indices of branches
-    A and B, or BEiT's [m] masked patch indices. Counts are exact, so default collation stacks them."""
+    """(image, mask, label): SplitMask's [2, k] visible patch indices of branches A and B, or BEiT's [m]
+    masked patch indices. Counts are exact, so default collation stacks them."""
 
     def __init__(self, dataset, transform, grid, method="splitmask", mask_ratio=0.5, mask_kind="block",
                  min_block=16, seed=0):
@@ -361,9 +348,8 @@ def leave_stop_signals_to_main(worker_id):
 
 
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0):
-    """A DataLoader whose order is a function of (seed, epoch): call set_epoch(loader, epoch) before
-    every epoch. Sharded across processes under torch.distributed (in evaluation, DistributedSampler
-    repeats a few samples so that every process gets as many)."""
+    """A DataLoader whose order is a function of (seed, epoch) (call set_epoch before every epoch), sharded
+    across processes under torch.distributed (in evaluation, a few samples repeat to even the shards)."""
     distributed = dist.is_available() and dist.is_initialized()
     sampler = Sampler(dataset, dist.get_world_size() if distributed else 1, dist.get_rank() if distributed else 0,
                       shuffle=train, seed=seed, drop_last=train)

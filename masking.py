@@ -1,11 +1,9 @@
 """Which patches each branch of SplitMask sees, and which patches BEiT hides.
 
-SplitMask cuts the patch grid of an image (14x14 at 224 px) into two disjoint subsets A and B;
-each branch encodes only its own patches and inpaints the other's. The split is a BEiT block mask
-(BEiT, Bao et al. 2021, Alg. 1): contiguous rectangles cannot be inpainted by copying a neighbour,
-so the model has to understand the image. Masks are flat bool arrays over the grid in row-major
-order. This runs per image inside DataLoader workers, so it is numpy only, and takes an explicit
-`rng: np.random.Generator` so that a seed fixes every mask.
+SplitMask cuts the patch grid into two disjoint subsets A and B with BEiT block masking (Bao et al. 2021,
+Alg. 1): contiguous rectangles cannot be inpainted by copying a neighbour, so the model has to understand
+the image. Masks are flat bool arrays over the grid in row-major order. Numpy only (this runs in DataLoader
+workers), with an explicit `rng: np.random.Generator` so that a seed fixes every mask.
 """
 import math
 
@@ -20,8 +18,7 @@ def _allowed_cells(grid, num_masked, allowed):
     return allowed
 
 
-def block_mask(grid, num_masked, rng, min_block=16, max_block=75, min_aspect=0.3, attempts=10,
-               allowed=None):
+def block_mask(grid, num_masked, rng, min_block=16, max_block=75, min_aspect=0.3, attempts=10, allowed=None):
     """BEiT block masking (BEiT, Bao et al. 2021, Alg. 1), topped up to exactly num_masked cells.
     Blocks cover min_block to max_block patches (the paper: 16 to 75), at most what is left to mask."""
     h, w = grid
@@ -36,32 +33,25 @@ def block_mask(grid, num_masked, rng, min_block=16, max_block=75, min_aspect=0.3
         need = num_masked - count
         largest = min(max_block, need, h * w)
         smallest = min(min_block, largest)  # a 7x7 grid or an almost met budget has no room for 16
-        added = 0
         for _ in range(attempts):
             area = rng.uniform(smallest, largest)
             aspect = math.exp(rng.uniform(*log_aspect))
             block_h = min(max(round(math.sqrt(area * aspect)), 1), h)
             block_w = min(max(round(math.sqrt(area / aspect)), 1), w)
-            top = rng.integers(h - block_h + 1)
-            left = rng.integers(w - block_w + 1)
+            top, left = rng.integers(h - block_h + 1), rng.integers(w - block_w + 1)
             window = (slice(top, top + block_h), slice(left, left + block_w))
-            # Only cells that are allowed and not yet masked count towards the budget.
-            new = can_mask[window] & ~mask[window]
+            new = can_mask[window] & ~mask[window]  # only allowed, not yet masked cells count
             added = int(new.sum())
-            # Like BEiT, redraw a block that adds nothing or would overshoot the budget.
-            if 0 < added <= need:
+            if 0 < added <= need:  # like BEiT, redraw a block that adds nothing or would overshoot
                 mask[window] |= new
+                count += added
                 break
-            added = 0
-        if added == 0:  # `attempts` blocks in a row found no place: give up, as BEiT does
+        else:  # `attempts` blocks in a row found no place: give up, as BEiT does
             break
-        count += added
     mask = mask.reshape(-1)
-    # Blocks never overshoot, but they can stop short; SplitMask needs exact counts, so top up
-    # with random allowed cells (rarely needed: under 1% of 14x14 masks, about one cell each).
+    # SplitMask needs exact counts: top up with random allowed cells (under 1% of 14x14 masks, ~1 cell each).
     if count < num_masked:
-        free = np.flatnonzero(allowed & ~mask)
-        mask[rng.choice(free, num_masked - count, replace=False)] = True
+        mask[rng.choice(np.flatnonzero(allowed & ~mask), num_masked - count, replace=False)] = True
     return mask
 
 
@@ -74,7 +64,6 @@ def random_mask(grid, num_masked, rng, allowed=None):
 
 
 def _draw(kind, grid, num_masked, rng, min_block, allowed=None):
-    """One mask of the given kind; split_patches and beit_mask share it."""
     assert kind in ("block", "random"), f"mask kind {kind!r}"
     if kind == "block":
         return block_mask(grid, num_masked, rng, min_block=min_block, allowed=allowed)
@@ -82,19 +71,14 @@ def _draw(kind, grid, num_masked, rng, min_block, allowed=None):
 
 
 def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
-    """Visible patch indices of SplitMask's branches A and B: int64 [2, k], rows sorted ascending.
-
-    Each branch hides mask_ratio of the n patches, so sees k = round(n * (1 - mask_ratio)). At 0.5
-    (the paper's default) B is exactly A's complement when n is even (odd n: one patch is seen by
-    neither). Above 0.5 (e.g. 0.75, for small datasets) the branches see disjoint k-patch subsets;
-    the rest is seen by neither and not predicted (each branch predicts the other's patches).
-    Equal k lets both branches run as one batch of 2B sequences of length k.
-    """
+    """Visible patch indices of branches A and B, int64 [2, k] with sorted rows; each branch hides mask_ratio
+    of the n patches. Above 0.5 (e.g. 0.75, for small datasets) the patches neither branch sees are not
+    predicted. Equal k lets both branches run as one batch of 2B sequences of length k."""
     k = round(grid[0] * grid[1] * (1 - mask_ratio))
     assert 0.5 <= mask_ratio < 1, f"mask_ratio {mask_ratio}: the two branches cannot be disjoint"
     assert k > 0, f"mask_ratio {mask_ratio} on a {grid} grid leaves no visible patch"
     seen_by_a = _draw(kind, grid, k, rng, min_block)
-    # B draws its k patches from those A does not see; at 50% that leaves exactly A's complement.
+    # B draws from the patches A does not see: at 0.5 (the paper's) that is A's complement (odd n: one left over).
     seen_by_b = _draw(kind, grid, k, rng, min_block, allowed=~seen_by_a)
     return np.stack([np.flatnonzero(seen_by_a), np.flatnonzero(seen_by_b)]).astype(np.int64)
 

@@ -1,13 +1,6 @@
-"""
-SplitMask (El-Nouby et al., 2021) and its BEiT baseline, from scratch in one file.
-
-ViT          the encoder: patch embedding + absolute positions + pre-norm transformer blocks.
-SplitMask    split the patches into two disjoint subsets, encode each alone, inpaint the other
-             subset's visual words with a 2-layer decoder, match the two global descriptors (InfoNCE).
-BEiT         encode all patches with masked ones replaced by a learned token, predict their words.
-info_nce     the symmetric InfoNCE loss, fused: tiled, fp32, no N x N tensor kept for backward,
-             negatives gathered across processes.
-"""
+"""SplitMask (El-Nouby et al., 2021) and its BEiT baseline, from scratch in one file: the ViT encoder, SplitMask
+(split the patches in two, inpaint each half's visual words from the other, match the halves' descriptors with
+InfoNCE), BEiT (mask tokens inside the encoder), and InfoNCE fused: tiled, fp32, negatives from all processes."""
 import math
 
 import torch
@@ -31,8 +24,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
@@ -43,7 +35,6 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block; layer scale (CaiT) multiplies each branch by a learned per-channel gain."""
-
     def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0, layer_scale=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -63,9 +54,7 @@ class Block(nn.Module):
 
 
 def init_weights(module):
-    """ViT/BEiT initialisation: truncated normal (std 0.02) for the weights of linear layers and the
-    patch embedding, the position embedding and the mask token; zero biases. Norms start at 1 and
-    layer-scale gains at their value, as built."""
+    """ViT/BEiT init: truncated normal (std 0.02) for weights, embeddings and mask tokens; zero biases."""
     for name, p in module.named_parameters():
         if p.dim() > 1:
             nn.init.trunc_normal_(p, std=0.02)
@@ -79,9 +68,7 @@ def gather_tokens(x, index):
 
 
 class ViT(nn.Module):
-    """Vision Transformer encoder with learned absolute position embeddings and no class token
-    (every consumer here mean-pools or works per patch)."""
-
+    """ViT encoder: learned absolute position embeddings, no class token (every consumer here mean-pools)."""
     def __init__(self, size="small", img_size=224, patch_size=16, drop_path=0.0, layer_scale=0.1):
         super().__init__()
         assert img_size % patch_size == 0, (img_size, patch_size)
@@ -117,8 +104,7 @@ class ViT(nn.Module):
 
 
 def transformer_flops(tokens, seq_len, dim, depth):
-    """Forward FLOPs of `depth` blocks over `tokens` tokens in sequences of `seq_len`:
-    24*D^2 per token for qkv, projection and MLP, plus 4*seq_len*D per token for attention."""
+    """Forward FLOPs of `depth` blocks on `tokens` tokens: 24*D^2 each in linear layers, 4*seq_len*D in attention."""
     return depth * tokens * (24 * dim * dim + 4 * seq_len * dim)
 
 
@@ -127,38 +113,32 @@ class SplitMask(nn.Module):
     def __init__(self, encoder, vocab_size, decoder_depth=2, mim_weight=1.0, nce_weight=1.0, temperature=0.2):
         super().__init__()
         self.encoder = encoder
-        D = encoder.dim
         self.mim_weight, self.nce_weight, self.temperature = mim_weight, nce_weight, temperature
-        self.mask_embed = nn.Parameter(torch.zeros(1, 1, D))
-        # decoder width = encoder width (paper, Sec. 3); layer scale as in the encoder
-        self.decoder = nn.ModuleList(Block(D, encoder.heads, 4.0, 0.0, encoder.layer_scale)
-                                     for _ in range(decoder_depth))
-        self.decoder_norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Linear(D, vocab_size)
+        self.mask_embed = nn.Parameter(torch.zeros(1, 1, encoder.dim))
+        self.decoder = nn.ModuleList(Block(encoder.dim, encoder.heads, 4.0, 0.0, encoder.layer_scale)
+                                     for _ in range(decoder_depth))  # width = encoder width (paper, Sec. 3)
+        self.decoder_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
+        self.head = nn.Linear(encoder.dim, vocab_size)
         for part in (self.decoder, self.head, self.decoder_norm):
             init_weights(part)
         nn.init.trunc_normal_(self.mask_embed, std=0.02)
 
     def forward(self, images, token_ids, visible):
-        """images [B, 3, H, W]; token_ids [B, n] visual words; visible [B, 2, k] patch indices of
-        subsets A and B (disjoint). Returns the loss, its parts and the MIM accuracy."""
+        """token_ids [B, n]; visible [B, 2, k]: the patches of disjoint subsets A, B -> dict of losses, MIM accuracy."""
         enc, B = self.encoder, images.shape[0]
-        n, D = enc.num_patches, enc.dim
         # 1. Split: embed once, then both subsets become one batch of 2B sequences of k tokens.
         seen = torch.cat([visible[:, 0], visible[:, 1]])  # [2B, k]: rows :B are branch A, B: are branch B
         x = gather_tokens((enc.patchify(images) + enc.pos_embed).repeat(2, 1, 1), seen)
         z = enc.forward_tokens(x)  # the shared encoder never sees a mask token
-        # 2. Inpaint: a full-length sequence per branch: its own encoder outputs where it looked,
-        # the learned mask embedding + position embedding everywhere else.
-        filler = (self.mask_embed + enc.pos_embed).expand(2 * B, n, D)
-        h = filler.scatter(1, seen.unsqueeze(-1).expand(-1, -1, D), z.to(filler.dtype))
+        # 2. Inpaint: each branch's encoder outputs where it looked, mask + position embedding elsewhere.
+        filler = (self.mask_embed + enc.pos_embed).expand(2 * B, -1, -1)
+        h = filler.scatter(1, seen.unsqueeze(-1).expand_as(z), z.to(filler.dtype))
         for block in self.decoder:
             h = block(h)
         h = self.decoder_norm(h)
         out = {"mim_loss": h.new_zeros(()), "nce_loss": h.new_zeros(()), "mim_acc": h.new_zeros(())}
         if self.mim_weight > 0:
-            # A predicts the words of B and B those of A.
-            target_pos = torch.cat([visible[:, 1], visible[:, 0]])  # [2B, k]
+            target_pos = torch.cat([visible[:, 1], visible[:, 0]])  # [2B, k]: A predicts the words of B, B those of A
             logits = self.head(gather_tokens(h, target_pos)).float()
             targets = torch.gather(token_ids.repeat(2, 1), 1, target_pos)
             out["mim_loss"] = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -175,8 +155,7 @@ class SplitMask(nn.Module):
         """Training FLOPs per image (forward x 3), for MFU; each branch encodes k = n * (1 - mask_ratio)."""
         enc, n = self.encoder, self.encoder.num_patches
         k = round(n * (1 - mask_ratio))
-        fwd = 2 * n * 3 * enc.patch_size**2 * enc.dim
-        fwd += transformer_flops(2 * k, k, enc.dim, enc.depth)
+        fwd = 2 * n * 3 * enc.patch_size**2 * enc.dim + transformer_flops(2 * k, k, enc.dim, enc.depth)
         fwd += transformer_flops(2 * n, n, enc.dim, len(self.decoder))
         fwd += 2 * (2 * k) * enc.dim * self.head.out_features if self.mim_weight > 0 else 0
         return 3 * fwd
@@ -213,8 +192,7 @@ class BEiT(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Fine-tuning head: mean-pool the encoder's tokens, normalise, one linear layer with a small init."""
-
+    """Fine-tuning head: mean-pool the encoder's tokens, normalise, one linear layer."""
     def __init__(self, encoder, num_classes):
         super().__init__()
         self.encoder = encoder
@@ -228,14 +206,11 @@ class Classifier(nn.Module):
 
 
 def load_encoder(encoder, state_dict):
-    """Load the encoder part of a pre-training or fine-tuning state dict into `encoder` (decoder and
-    heads are dropped); position embeddings are resized when the patch grid differs."""
-    prefix = "encoder."
-    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    for i, block in enumerate(encoder.blocks):  # no layer scale in the checkpoint (timm, --layer_scale=0): gain 1
-        for gain in ("gamma1", "gamma2"):
-            if getattr(block, gain) is not None:
-                weights.setdefault(f"blocks.{i}.{gain}", torch.ones(encoder.dim))
+    """Load the encoder part of a pre-training or fine-tuning state dict, resizing the position embedding if needed."""
+    weights = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+    for name in encoder.state_dict():  # no layer scale in the checkpoint (timm, --layer_scale=0): gain 1
+        if name.endswith(("gamma1", "gamma2")):
+            weights.setdefault(name, torch.ones(encoder.dim))
     pos = weights["pos_embed"]
     if pos.shape[1] != encoder.num_patches:  # bicubic on the grid, as DeiT and BEiT do for other resolutions
         side = math.isqrt(pos.shape[1])  # checkpoints come from square images
@@ -246,20 +221,18 @@ def load_encoder(encoder, state_dict):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0):
-    """AdamW groups: no weight decay on biases, norms, layer-scale gains, position embedding, tokens.
-    layer_decay < 1 (fine-tuning, BEiT Sec. 2.6): the lr of a parameter at depth i is scaled by
-    layer_decay ** (L + 1 - i), with depth 0 for the embeddings, i + 1 for block i, L + 1 for the rest."""
+    """AdamW groups: no weight decay on biases, norms, gains, embeddings, tokens. layer_decay < 1 (fine-tuning, BEiT
+    Sec. 2.6) scales the lr at depth i by layer_decay ** (L + 1 - i): 0 embeddings, b + 1 block b, L + 1 the rest."""
     depth, groups = model.encoder.depth, {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or "pos_embed" in name or "mask" in name
+        layer = depth + 1
         if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
             layer = 0
         elif name.startswith("encoder.blocks."):
             layer = int(name.split(".")[2]) + 1
-        else:
-            layer = depth + 1
         group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                                                       "lr_scale": layer_decay ** (depth + 1 - layer)})
         group["params"].append(p)
@@ -268,59 +241,48 @@ def param_groups(model, weight_decay, layer_decay=1.0):
 
 # ------------------------------ InfoNCE
 def info_nce_reference(xa, xb, temperature=0.2):
-    """The readable definition (one process): l(x_a) = -log softmax over all x_b of x_a.x_b/t at the
-    positive, and the same with a and b swapped; the two directions are averaged."""
+    """The readable definition (one process): -log softmax_b(x_a.x_b / t) at the positive, averaged both ways."""
     a, b = F.normalize(xa.float(), dim=-1), F.normalize(xb.float(), dim=-1)
     logits = a @ b.T / temperature
     labels = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def _similarity_tiles(x, y, temperature, tile):
-    """Yield (start, x[start:start+tile] @ y.T / t) so that at most a tile x len(y) block is alive."""
-    for start in range(0, x.shape[0], tile):
-        yield start, (x[start : start + tile] @ y.T).div_(temperature)
-
-
 def _tiled_lse(x, y, temperature, tile):
-    """Row and column log-sum-exp of S = x @ y.T / t, computed tile by tile."""
+    """Row and column log-sum-exp of S = x @ y.T / t, computed tile by tile: at most tile x len(y) alive."""
     rows = torch.empty(x.shape[0], device=x.device)
     cols = torch.full((y.shape[0],), -math.inf, device=x.device)
-    for start, s in _similarity_tiles(x, y, temperature, tile):
-        rows[start : start + len(s)] = s.logsumexp(1)
+    for start in range(0, x.shape[0], tile):
+        s = (x[start : start + tile] @ y.T).div_(temperature)
+        rows[start : start + tile] = s.logsumexp(1)
         cols = torch.logaddexp(cols, s.logsumexp(0))
     return rows, cols
 
 
 def _tiled_softmax_grads(x, y, row_lse, col_lse, temperature, tile, scale):
-    """Gradients of scale * (sum(row_lse) + sum(col_lse)) w.r.t. x and y, with the softmax recomputed
-    tile by tile (d lse / d S is the softmax). Either lse may be None (that direction is skipped)."""
+    """Gradients for x, y of scale * (sum(row_lse) + sum(col_lse)): d lse / d S is the softmax, recomputed per tile."""
     gx, gy = torch.zeros_like(x), torch.zeros_like(y)
-    for start, s in _similarity_tiles(x, y, temperature, tile):
+    for start in range(0, x.shape[0], tile):
+        s = (x[start : start + tile] @ y.T).div_(temperature)
         # the softmax of each direction, in place where it can be: at most two tiles are alive
-        p = (s - row_lse[start : start + len(s), None]).exp_() if row_lse is not None else None
+        p = (s - row_lse[start : start + tile, None]).exp_() if row_lse is not None else None
         if col_lse is not None:
             column_softmax = s.sub_(col_lse[None, :]).exp_()
             p = column_softmax if p is None else p.add_(column_softmax)
         p *= scale / temperature
-        gx[start : start + len(s)] = p @ y
-        gy += p.T @ x[start : start + len(s)]
+        gx[start : start + tile] = p @ y
+        gy += p.T @ x[start : start + tile]
     return gx, gy
 
 
 class _FusedInfoNCE(torch.autograd.Function):
-    """Symmetric InfoNCE on unit vectors. a, b [B, D] are this process's descriptors; a_all, b_all [G, D]
-    the gathered ones of the global batch (None in a single process, where they equal a and b).
-    Direction a->b uses this process's rows of S = a_all @ b_all.T / t, direction b->a its columns, so
-    the loss is the mean over local positives and the mean over processes is the global loss.
-    Saved for backward: the inputs and one log-sum-exp per row and per column, never an N x N matrix."""
-
+    """Symmetric InfoNCE on unit vectors a, b [B, D] of this process; a_all, b_all [G, D] those of the global batch
+    (None in one process). Direction a->b uses this process's rows of S = a_all @ b_all.T / t, b->a its columns, so
+    the mean over processes is the global loss. Saved for backward: a log-sum-exp per row and column, never S."""
     @staticmethod
     def forward(ctx, a, b, a_all, b_all, temperature, tile):
-        if a_all is None:  # one process: rows and columns of the same matrix, computed once
-            row_lse, col_lse = _tiled_lse(a, b, temperature, tile)
-        else:
-            row_lse, _ = _tiled_lse(a, b_all, temperature, tile)
+        row_lse, col_lse = _tiled_lse(a, b if b_all is None else b_all, temperature, tile)
+        if a_all is not None:  # several processes: this process's columns of S run over the gathered a
             _, col_lse = _tiled_lse(a_all, b, temperature, tile)
         positive = (a * b).sum(1) / temperature
         ctx.save_for_backward(a, b, a_all, b_all, row_lse, col_lse)
@@ -330,8 +292,7 @@ class _FusedInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b, a_all, b_all, row_lse, col_lse = ctx.saved_tensors
-        t, tile, B = ctx.temperature, ctx.tile, a.shape[0]
-        scale = grad / (2 * B)
+        t, tile, scale = ctx.temperature, ctx.tile, grad / (2 * a.shape[0])
         if a_all is None:  # (backward runs outside autocast: the engine does not re-enter it)
             ga, gb = _tiled_softmax_grads(a, b, row_lse, col_lse, t, tile, scale)
             ga_all = gb_all = None
@@ -344,9 +305,7 @@ class _FusedInfoNCE(torch.autograd.Function):
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """[B, D] on each process -> [world * B, D] in rank order. Every process's loss uses every slice,
-    so backward sums the gradients of all processes (all-reduce) and keeps this process's slice."""
-
+    """[B, D] per process -> [world * B, D]. Every loss uses every slice: backward all-reduces, keeps this slice."""
     @staticmethod
     def forward(ctx, x):
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -357,19 +316,15 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        n = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * n : (dist.get_rank() + 1) * n]
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def info_nce(xa, xb, temperature=0.2, tile=None):
-    """Symmetric InfoNCE between the descriptors of the two branches, xa and xb [B, D].
-    Negatives: every other image of the GLOBAL batch; under torch.distributed the descriptors are
-    all-gathered and gradients flow back through the gather. Computed in fp32 whatever the AMP dtype."""
+    """Symmetric InfoNCE of descriptors xa, xb [B, D] in fp32; negatives: the GLOBAL batch, gathered with gradients."""
     a, b = F.normalize(xa.float(), dim=-1), F.normalize(xb.float(), dim=-1)
     a_all = b_all = None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         a_all, b_all = _GatherWithGrad.apply(a), _GatherWithGrad.apply(b)
-    columns = len(b) if b_all is None else len(b_all)
-    tile = tile or max(1, 2**22 // columns)  # rows per tile: 4M similarities (16 MB) alive at a time
+    tile = tile or max(1, 2**22 // len(b if b_all is None else b_all))  # 4M similarities (16 MB) per tile
     with torch.autocast(a.device.type, enabled=False):  # similarities and exps stay in fp32
         return _FusedInfoNCE.apply(a, b, a_all, b_all, temperature, tile)

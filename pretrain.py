@@ -159,7 +159,7 @@ def save_picture(path, model, images, masks, vocab, patch_size):
         visible = torch.ones(B, n, dtype=torch.bool, device=images.device).scatter_(1, masks, False)
         rows += [only(visible.nonzero()[:, 1].view(B, -1))[0]]
         rows += [inpainted(visible.nonzero()[:, 1].view(B, -1), masks, out["pred_ids"])]
-    picture = torch.cat([data.denormalize(r.float().cpu()) for r in rows])
+    picture = torch.cat([data.normalize(r.float().cpu(), undo=True) for r in rows])
     zoom = max(1, 128 // images.shape[-1])  # small images are enlarged so that the patches show
     save_image(picture.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3), path, nrow=B, padding=2)
 
@@ -172,14 +172,8 @@ def main():
     common.check(cfg, [
         (cfg["patch_size"] > 0 and cfg["patch_size"] % 2 == 0,
          f"--patch_size={cfg['patch_size']} must be even (words are patches of the half-size image)"),
-        (cfg["img_size"] > 0 and cfg["img_size"] % cfg["patch_size"] == 0,
-         f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}"),
-        (min(cfg["batch_size"], cfg["epochs"], cfg["accum_steps"]) > 0, "--batch_size, --epochs and --accum_steps "
-         "must be positive"),
-        (cfg["batch_size"] % processes_x_accum == 0, f"--batch_size={cfg['batch_size']} must be divisible by "
-         f"processes x accum_steps = {processes_x_accum}"),
-        (0 <= cfg["warmup_epochs"] <= cfg["epochs"], f"--warmup_epochs={cfg['warmup_epochs']} is more than "
-         f"--epochs={cfg['epochs']}: the learning rate would never reach its peak; pass a smaller --warmup_epochs"),
+        (cfg["accum_steps"] > 0 and cfg["batch_size"] % processes_x_accum == 0, f"--batch_size={cfg['batch_size']} "
+         f"must be divisible by processes x accum_steps = {processes_x_accum}"),
         (0 < cfg["mask_ratio"] < 1, f"--mask_ratio={cfg['mask_ratio']} must be in (0, 1)"),
         (cfg["method"] == "beit" or cfg["mask_ratio"] >= 0.5,
          f"--mask_ratio={cfg['mask_ratio']}: SplitMask's two disjoint subsets need at least 0.5"),

@@ -3,7 +3,6 @@ Evaluate a frozen encoder: a linear probe on every block at once, and k-NN, on c
 
     python probe.py --init=out/pretrain/ckpt.pt       # a pre-training or fine-tuning checkpoint
     python probe.py                                   # random init: the baseline every result needs
-    python probe.py --report=out/exp/cifar10          # table + per-block plot of an experiment's runs
 
 One forward pass over the data (no augmentation) collects the mean-pooled tokens of every block;
 they are cached in out_dir, then a BatchNorm (no affine) + linear classifier is trained per block
@@ -15,7 +14,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import common
@@ -45,7 +43,6 @@ config = dict(
     dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
     workers=common.cpu_workers(),  # loader processes
     seed=0,  # seeds the subset, random init and probe training
-    report="",  # an experiment folder of <row>/{pretrain,probe,finetune} runs: print its table, draw its plot
 )
 # Real datasets: the images and, for random init, the sizes of pretrain.py's recipe (a checkpoint brings its own).
 QUICK, PAPER = dict(model="tiny", img_size=112, patch_size=16), dict(model="small", img_size=224, patch_size=16)
@@ -106,74 +103,11 @@ def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperatur
     return 100.0 * correct / len(test_x)
 
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def plot(path, curves, title):
-    """A minimal line plot (accuracy vs layer) drawn with PIL, so no plotting library is needed."""
-    W, H, pad, legend = 800, 400, 50, 160  # the legend gets its own column, right of the curves
-    right = W - pad - legend
-    image = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(image)
-    L = len(next(iter(curves.values())))
-    values = [v for curve in curves.values() for v in curve]
-    low, high = 10 * int(min(values) // 10), min(100, 10 * int(max(values) // 10) + 10)  # the decades in use
-    to_xy = lambda i, acc: (pad + i * (right - pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad))
-    for acc in range(low, high + 1, 10):
-        draw.line([to_xy(0, acc), to_xy(L - 1, acc)], fill=(225, 225, 225))
-        draw.text((8, to_xy(0, acc)[1] - 6), f"{acc}%", fill="black")
-    for i in range(L):
-        draw.text((to_xy(i, low)[0] - 4, H - pad + 8), str(i + 1), fill="black")
-    for k, ((name, values), colour) in enumerate(zip(curves.items(), COLOURS)):
-        draw.line([to_xy(i, v) for i, v in enumerate(values)], fill=colour, width=3)
-        draw.text((right + 20, pad + 16 * k), name, fill=colour)
-    draw.text((pad, 15), title + " (x: block, y: top-1)", fill="black")
-    image.save(path)
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def report(folder):
-    """One table and one per-layer plot for the runs of an experiment: folder/<row>/probe/results.json,
-    with folder/<row>/pretrain/log.jsonl and folder/<row>/finetune/log.jsonl where they exist."""
-    table, curves = {}, {}
-    for name in sorted(os.listdir(folder)):
-        if not os.path.exists(os.path.join(folder, name, "probe", "results.json")):
-            continue
-        with open(os.path.join(folder, name, "probe", "results.json")) as f:
-            probe = json.load(f)
-        row = dict(knn=max(probe["knn"]), linear=probe["best_linear"], best_layer=probe["best_layer"], finetune=None, hours=0.0)
-        if os.path.exists(os.path.join(folder, name, "finetune", "log.jsonl")):
-            epochs = [r["top1"] for r in read_jsonl(os.path.join(folder, name, "finetune", "log.jsonl")) if "top1" in r]
-            row["finetune"] = max(epochs, default=None)  # None: fine-tuning has not finished an epoch yet
-        if os.path.exists(os.path.join(folder, name, "pretrain", "log.jsonl")):  # training time from the logged img/s
-            log = read_jsonl(os.path.join(folder, name, "pretrain", "log.jsonl"))
-            batch, steps = log[0]["config"]["batch_size"], [r for r in log if "step" in r]
-            row["hours"] = sum((r["step"] - p["step"]) * batch / r["img_s"] for p, r in zip([{"step": 0}] + steps, steps)) / 3600
-        table[name], curves[name] = row, probe["linear"]
-    if not table:
-        common.fail(f"no <row>/probe/results.json under {folder}")
-    print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 |\n|---|---|---|---|---|")
-    for name, r in table.items():
-        finetune = "-" if r["finetune"] is None else f"{r['finetune']:.1f}"
-        print(f"| {name} | {r['hours']:.2f} | {r['knn']:.1f} | {r['linear']:.1f} ({r['best_layer']}) | {finetune} |")
-    with open(os.path.join(folder, "report.json"), "w") as f:
-        json.dump(dict(table=table, linear_by_block=curves), f, indent=1)
-    plot(os.path.join(folder, "probe_by_block.png"), curves, f"linear probe by block, {os.path.basename(folder.rstrip('/'))}")
-
-
 def main():
     cfg, given = common.configure(config, __doc__, __file__, PRESETS, lambda c: [f"{c['dataset']}/{c['recipe']}"],
                                   dict(dataset=data.DATASETS, model=VIT_SIZES))
-    if cfg["report"]:
-        return report(cfg["report"])
     pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
-    common.check(cfg, [(cfg["img_size"] > 0 and cfg["img_size"] % cfg["patch_size"] == 0,
-                   f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}")])
+    common.check(cfg)
     device, autocast, _ = common.setup(cfg)
     out_dir = cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] + "_probe" if cfg["init"] else "out/probe_random_init")
     torch.manual_seed(cfg["seed"])
@@ -221,8 +155,7 @@ def main():
     results = dict(config=cfg, linear=linear, knn=knn, best_linear=linear[best], best_layer=best + 1, knn_last=knn[-1])
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot(os.path.join(out_dir, "probe.png"), {"linear probe": linear, "k-NN": knn}, cfg["init"] or "random init")
-    print(f"done: {out_dir}/results.json and {out_dir}/probe.png (accuracy by block)")
+    print(f"done: {out_dir}/results.json (accuracy by block; report.py tables and plots experiments)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
 """Visual-word tokenizers: the targets of masked image modeling, with no training on external data.
 
-BEiT predicts the ids of DALL-E's tokenizer, trained on a large outside dataset. The paper (Table 2)
-shows that vocabularies needing no such training do as well on iNat-19 (DALL-E 75.2; random
-projection 75.2, random patches 75.3, k-means 75.0) and make pre-training 26% faster. A vocabulary
-is V unit vectors e_i in patch-pixel space; the token of a patch x is argmax_i <x, e_i> (Eq. 1).
-Tokenizer patches are cut at half resolution: a 16x16 encoder patch gives an 8x8x3 = 192-dim x of
-mean/std-normalised (roughly zero-centred) pixels, so a token names the patch's pattern (direction).
+BEiT predicts the ids of DALL-E's tokenizer, trained on a large outside dataset; the paper (Table 2) finds
+vocabularies needing no such training as good on iNat-19 (DALL-E 75.2; random projection 75.2, random patches
+75.3, k-means 75.0) and 26% faster. A vocabulary is V unit vectors e_i; the token of a patch x is argmax_i <x, e_i>
+(Eq. 1), x being 8x8x3 normalised pixels at half resolution (per 16x16 encoder patch): a token names a direction.
 """
 import math
 
@@ -17,21 +15,14 @@ VOCAB_KINDS = ("random_projection", "random_patches", "kmeans")
 EPS = 1e-8  # a patch with a smaller norm is flat: it has no direction, so it never joins a vocab
 
 
-def _unit_rows(x):
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(EPS)
-
-
 def _nonzero_unit_rows(patches):
     patches = patches.float()
-    return _unit_rows(patches[patches.norm(dim=1) > EPS])
+    return F.normalize(patches[patches.norm(dim=1) > EPS], dim=-1, eps=EPS)
 
 
 def tokenizer_patches(images, patch_size):
-    """Images [B, C, H, W] -> tokenizer patches [B, n, C*p*p] in float32, p = patch_size // 2.
-
-    2x2 average pooling halves the resolution; p x p patches are then cut in row-major grid order
-    (the encoder's order, one per encoder patch) and flattened in (channel, row, col) order.
-    """
+    """Images [B, C, H, W] -> tokenizer patches [B, n, C*p*p] in float32, p = patch_size // 2: 2x2 average
+    pooling, then p x p patches in the encoder's row-major grid order, flattened in (channel, row, col) order."""
     B, C, H, W = images.shape
     assert patch_size % 2 == 0, f"patch_size {patch_size} must be even: words are patches of the half-size image"
     assert H % patch_size == 0 and W % patch_size == 0, f"{H}x{W} images are not divisible by patch_size {patch_size}"
@@ -44,7 +35,7 @@ def tokenizer_patches(images, patch_size):
 def random_projection_vocab(vocab_size, dim, seed):
     """V random directions, components uniform in [-1, 1]: zero-centred like normalised pixels."""
     g = torch.Generator().manual_seed(seed)
-    return _unit_rows(torch.rand(vocab_size, dim, generator=g) * 2 - 1)
+    return F.normalize(torch.rand(vocab_size, dim, generator=g) * 2 - 1, dim=-1, eps=EPS)
 
 
 def random_patches_vocab(patches, vocab_size, seed):
@@ -56,13 +47,9 @@ def random_patches_vocab(patches, vocab_size, seed):
 
 
 def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
-    """Spherical k-means on patches [N, dim] -> V unit centroids, on the patches' device.
-
-    Eq. 1 compares by cosine, so this is Lloyd's algorithm on the unit sphere: assign each patch to
-    its most similar centroid, then move each centroid to the normalised sum of its patches (that
-    maximises their summed cosine), so kmeans_objective never goes down. Each pass goes batch_size
-    patches at a time: memory is batch_size x V, not N x V (1M x 8192 floats would be 32 GB).
-    """
+    """Spherical k-means on patches [N, dim] -> V unit centroids, on the patches' device. Eq. 1 compares by cosine,
+    so each centroid moves to the normalised sum of its patches (that maximises their summed cosine). batch_size
+    patches at a time: memory is batch_size x V, not N x V (32 GB for 1M x 8192)."""
     units = _nonzero_unit_rows(patches)
     centroids = random_patches_vocab(patches, vocab_size, seed)  # init: the random-patches vocab
     g = torch.Generator().manual_seed(seed)
@@ -77,24 +64,14 @@ def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
         empty = sums.norm(dim=1) < EPS  # a centroid no patch chose: re-seed it with a random patch
         reseed = torch.randint(len(units), (int(empty.sum()),), generator=g)
         sums[empty] = units[reseed.to(units.device)]
-        centroids = _unit_rows(sums)
+        centroids = F.normalize(sums, dim=-1, eps=EPS)
     return centroids
 
 
-def kmeans_objective(patches, vocab, batch_size=16384):
-    """Mean over patches of the best cosine similarity to a vocabulary row (higher is better)."""
-    units, vocab = _unit_rows(patches.float()), _unit_rows(vocab.float().to(patches.device))
-    return torch.cat([(c @ vocab.T).amax(dim=1) for c in units.split(batch_size)]).mean().item()
-
-
 def tokenize(images, vocab, patch_size, dtype=torch.float32):
-    """Eq. 1: token ids [B, n], the token of patch x being argmax_i <x, e_i> over unit rows e_i.
-
-    Dividing by |x| would make the dot product a cosine but cannot move the argmax, so a batch is
-    one matmul and an argmax on the vocabulary's device. dtype=torch.bfloat16 (what pretrain.py
-    uses under bf16 autocast) halves the cost; near-ties then resolve at bf16 precision.
-    """
-    vocab = _unit_rows(vocab.float()).to(dtype)
+    """Eq. 1: token ids [B, n]. Dividing by |x| cannot move the argmax, so a batch is one matmul and an argmax on the
+    vocabulary's device. dtype=torch.bfloat16 (as pretrain.py) halves the cost; near-ties then resolve at bf16."""
+    vocab = F.normalize(vocab.float(), dim=-1, eps=EPS).to(dtype)
     patches = tokenizer_patches(images.to(vocab.device), patch_size)
     B, n, dim = patches.shape
     assert dim == vocab.shape[1], f"patches have {dim} dims, the vocabulary {vocab.shape[1]}"
@@ -104,12 +81,8 @@ def tokenize(images, vocab, patch_size, dtype=torch.float32):
 
 
 def render(token_ids, vocab, grid, patch_size):
-    """Token ids [B, n] -> picture [B, C, H, W], each token's vocabulary row drawn as its patch.
-
-    Inverts tokenizer_patches: rows fill the (h, w) grid at half resolution, then nearest
-    upsampling doubles it. Vocabulary rows are unit vectors, so this shows each patch's pattern
-    (direction), not its brightness scale: rescaling for display is the caller's job.
-    """
+    """Token ids [B, n] -> picture [B, C, H, W], each token's vocabulary row drawn as its patch (the inverse
+    of tokenizer_patches). Rows are unit vectors: this shows patterns, rescaling for display is the caller's job."""
     (h, w), p = grid, patch_size // 2
     B, n = token_ids.shape
     C = vocab.shape[1] // (p * p)
@@ -126,14 +99,10 @@ def _images_of(batch):
 
 
 def sample_patches(loader, patch_size, num_patches, seed, prepare=lambda images: images):
-    """Exactly num_patches random tokenizer patches [num_patches, dim] from a loader of images.
-
-    Each image gives ceil(num_patches / images per pass) distinct random patches (all of them if the
-    size is unknown), so one pass spreads the sample over every image the loader yields rather than
-    its first ones: under DDP, rank 0 reads its shard once, not once per process, while the others
-    wait (only the last few images may go unused). The loader restarts if one pass is not enough. The
-    seed fixes which patches are drawn; the loader's shuffling and augmentation are its own.
-    """
+    """Exactly num_patches random tokenizer patches [num_patches, dim] from a loader of images. Each image gives
+    ceil(num_patches / images per pass) distinct patches, so one pass spreads the sample over every image (under
+    DDP, rank 0 reads its shard once while the others wait); the loader restarts if one pass is not enough.
+    The seed fixes which patches are drawn; shuffling and augmentation are the loader's own."""
     sampler = getattr(loader, "sampler", None)  # one pass of the loader: under DDP, this process's shard
     per_image = math.ceil(num_patches / len(sampler)) if hasattr(sampler, "__len__") else None
     g = torch.Generator().manual_seed(seed)
@@ -144,10 +113,9 @@ def sample_patches(loader, patch_size, num_patches, seed, prepare=lambda images:
             for batch in loader:
                 patches = tokenizer_patches(prepare(_images_of(batch)), patch_size)  # [B, n, d]
                 B, n, d = patches.shape
-                k = n if per_image is None else min(per_image, n)
+                k = n if per_image is None else min(per_image, n)  # all of them if the pass length is unknown
                 pick = torch.rand(B, n, generator=g).argsort(dim=1)[:, :k].to(patches.device)
-                picked = patches.gather(1, pick[..., None].expand(B, k, d))  # [B, k, d]
-                chunks.append(picked.reshape(B * k, d).cpu())
+                chunks.append(patches.gather(1, pick[..., None].expand(B, k, d)).reshape(B * k, d).cpu())
                 bar.update(min(B * k, num_patches - gathered))
                 gathered += B * k
                 if gathered >= num_patches:
@@ -158,11 +126,8 @@ def sample_patches(loader, patch_size, num_patches, seed, prepare=lambda images:
 
 def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_patches=1_000_000,
                 kmeans_iters=20, device=None, prepare=lambda images: images):
-    """A vocabulary [V, 3*(patch_size//2)**2] of unit rows, on the CPU. kind: one of VOCAB_KINDS.
-
-    random_projection needs no data; the others sample num_patches patches from loader (the paper
-    clustered 3M). k-means, the only heavy step, runs on device (default: a GPU if there is one).
-    """
+    """A vocabulary [V, 3*(patch_size//2)**2] of unit rows, on the CPU. random_projection needs no data; the
+    others sample num_patches patches from loader (the paper clustered 3M); k-means runs on device (default: GPU)."""
     assert kind in VOCAB_KINDS, f"unknown vocabulary kind {kind!r}"
     assert kind == "random_projection" or loader is not None, f"{kind} samples training patches: pass a loader"
     if kind == "random_projection":

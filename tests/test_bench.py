@@ -11,6 +11,7 @@ def test_bench_prints_and_saves_every_row(tmp_path):
     names = [row[0] for row in saved["rows"]]
     for name in ("dense matmul (float32)", "SplitMask step", "BEiT step", "SplitMask / BEiT step time",
                  "tokenization share of the step", "our ViT / nn.TransformerEncoderLayer",
-                 "InfoNCE N=64: fused / naive"):
+                 "InfoNCE N=64: fused / naive", "loading: plain torchvision, one worker", "loading: ours, one worker",
+                 "loader workers to feed the step"):
         assert name in names and name in result.stdout, name
     assert [r["n"] for r in saved["nce"]] == [64] and all(r["fused_s"] > 0 for r in saved["nce"])

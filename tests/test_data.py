@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import data
-from data import (MEAN, STD, MaskedImages, SyntheticShapes, build_dataset, denormalize, eval_transform,
+from data import (MEAN, STD, MaskedImages, SyntheticShapes, build_dataset, eval_transform,
                   load_rgb, make_loader, normalize, pretrain_transform, read_image, set_epoch)
 
 
@@ -159,7 +159,7 @@ def test_pretrain_transform_normalises():
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
     expected = (128 / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     assert torch.allclose(out, expected.view(3, 1, 1).expand(3, 32, 32), atol=1e-5)
-    assert torch.allclose(denormalize(out), torch.full((3, 32, 32), 128 / 255), atol=1e-5)
+    assert torch.allclose(normalize(out, undo=True), torch.full((3, 32, 32), 128 / 255), atol=1e-5)
     strong = pretrain_transform(32, crop_min_scale=0.25, strong=True)(SyntheticShapes(1, 48)[0][0])
     assert strong.shape == (3, 32, 32) and strong.dtype == torch.uint8
     assert eval_transform(32)(torch.zeros(3, 40, 50, dtype=torch.uint8)).shape == (3, 32, 32)

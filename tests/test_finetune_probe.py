@@ -155,7 +155,7 @@ def test_pretraining_beats_random_init(tmp_path):
 
 
 def test_report_collects_the_rows_of_an_experiment(tmp_path, capsys):
-    from probe import report
+    from report import report
 
     def write(path, rows):
         path.parent.mkdir(parents=True, exist_ok=True)

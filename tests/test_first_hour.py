@@ -13,7 +13,7 @@ import torch
 from test_faults import write_bad_files, write_images
 from test_pretrain import ENV, ROOT, TINY, log_rows, run, run_in_process, torchrun, wait_for_step, weights
 
-SCRIPTS = ["pretrain.py", "finetune.py", "probe.py", "export.py", "bench.py"]
+SCRIPTS = ["pretrain.py", "finetune.py", "probe.py", "export.py", "bench.py", "report.py"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_real_datasets_start_from_the_quick_recipe_and_the_paper_is_one_flag_awa
 
 def test_warm_up_longer_than_the_run_is_refused(tmp_path):
     result = run("finetune.py", "--epochs=1", "--warmup_epochs=5", f"--out_dir={tmp_path}", check=False)
-    assert result.returncode == 1 and "--warmup_epochs=5 is more than --epochs=1" in result.stderr
+    assert result.returncode == 1 and "--warmup_epochs=5 is more than --epochs=1" in result.stderr, result.stderr
 
 
 def test_workers_default_to_the_cores_this_machine_has():

@@ -54,6 +54,13 @@ def smooth_images(num_images, seed, size=32):
     return smooth + 0.1 * torch.randn(num_images, 3, size, size, generator=g)
 
 
+def kmeans_objective(patches, vocab, batch_size=16384):
+    """Mean over patches of the best cosine similarity to a vocabulary row (higher is better)."""
+    units = F.normalize(patches.float(), dim=-1, eps=tok.EPS)
+    vocab = F.normalize(vocab.float().to(patches.device), dim=-1, eps=tok.EPS)
+    return torch.cat([(c @ vocab.T).amax(dim=1) for c in units.split(batch_size)]).mean().item()
+
+
 def pairwise_distances(a, b):
     return (a[:, None, :] - b[None, :, :]).norm(dim=-1)  # exact, unlike cdist's matmul shortcut
 
@@ -131,7 +138,7 @@ def test_render_of_own_patches_reproduces_patch_directions():
 
 def test_kmeans_objective_increases_with_iterations():
     patches = tok.tokenizer_patches(smooth_images(100, seed=0), 8).reshape(-1, 48)
-    objectives = [tok.kmeans_objective(patches, tok.kmeans_vocab(patches, 64, seed=0, iters=i))
+    objectives = [kmeans_objective(patches, tok.kmeans_vocab(patches, 64, seed=0, iters=i))
                   for i in (0, 1, 5, 20)]
     assert all(b >= a - 1e-6 for a, b in zip(objectives, objectives[1:])), objectives
     assert objectives[-1] > objectives[1] + 0.005, objectives
@@ -143,9 +150,9 @@ def test_kmeans_objective_increases_with_iterations():
 def test_kmeans_beats_random_patches_on_held_out_patches():
     train = tok.tokenizer_patches(smooth_images(100, seed=0), 8).reshape(-1, 48)
     held_out = tok.tokenizer_patches(smooth_images(100, seed=1), 8).reshape(-1, 48)
-    kmeans = tok.kmeans_objective(held_out, tok.kmeans_vocab(train, 64, seed=0))
-    random_patches = tok.kmeans_objective(held_out, tok.random_patches_vocab(train, 64, seed=0))
-    random_projection = tok.kmeans_objective(held_out, tok.random_projection_vocab(64, 48, seed=0))
+    kmeans = kmeans_objective(held_out, tok.kmeans_vocab(train, 64, seed=0))
+    random_patches = kmeans_objective(held_out, tok.random_patches_vocab(train, 64, seed=0))
+    random_projection = kmeans_objective(held_out, tok.random_projection_vocab(64, 48, seed=0))
     assert kmeans > random_patches + 0.02, (kmeans, random_patches)
     assert random_patches > random_projection + 0.2, (random_patches, random_projection)
 
@@ -155,10 +162,10 @@ def test_kmeans_reseeds_empty_clusters_and_chunking_does_not_matter():
     # centroid wins no patch (argmax takes the first of equal scores), so it must be re-seeded.
     patches = tok.random_projection_vocab(4, 12, seed=3).repeat(50, 1)
     init = tok.random_patches_vocab(patches, 4, seed=0)
-    assert tok.kmeans_objective(patches, init) < 0.99  # the init did miss a direction
+    assert kmeans_objective(patches, init) < 0.99  # the init did miss a direction
     vocab = tok.kmeans_vocab(patches, 4, seed=0, iters=20)
     assert torch.allclose(vocab.norm(dim=1), torch.ones(4))  # no empty (zero) centroid left
-    assert tok.kmeans_objective(patches, vocab) > 0.9999  # all 4 directions found
+    assert kmeans_objective(patches, vocab) > 0.9999  # all 4 directions found
     chunked = tok.kmeans_vocab(patches, 4, seed=0, iters=20, batch_size=7)
     assert torch.allclose(chunked, vocab, atol=1e-6)
 
