@@ -77,9 +77,9 @@ def configure(config, doc, script, presets={}, chosen=lambda cfg: [], choices={}
             close = dict.fromkeys(difflib.get_close_matches(key, config, 3, 0.6) + [k for k in config if key in k])
             hint = f"; did you mean {', '.join('--' + k for k in close)}?" if close and key and eq else ""
             fail(f"unknown or malformed flag {arg!r} (expected --key=value; see --help){hint}")
-        kind = type(config[key])
+        kind, truth = type(config[key]), {"true": True, "1": True, "false": False, "0": False}
         try:
-            given[key] = {"true": True, "1": True, "false": False, "0": False}[text.lower()] if kind is bool else kind(text)
+            given[key] = truth[text.lower()] if kind is bool else kind(text)
         except (KeyError, ValueError):
             fail(f"--{key}={text!r} is not a valid {kind.__name__}")
     cfg = dict(config)
@@ -263,7 +263,8 @@ def resume(path, cfg, model, optimizer, scaler):
 
 def save_run(path, cfg, model, optimizer, scaler, step, **extra):
     """A collective (every process's RNG state goes in); rank 0 writes the file."""
-    rngs = [{"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}]
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    rngs = [{"cpu": torch.get_rng_state(), **cuda}]
     if WORLD > 1:
         rngs, rng = [None] * WORLD, rngs[0]
         dist.all_gather_object(rngs, rng)

@@ -44,12 +44,10 @@ SHAPES = {  # class c draws shape c: outlines within the unit disc; the ring is 
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
-    """The built-in data: scenes drawn on the fly. Class c is a kind of shape in two complementary hues,
-    c/20 and c/20 + 1/2 of the colour wheel: 3-6 such shapes and a small distractor of any kind and
-    colour, on a gradient or stripes of the same hues. Complementary colours average to grey, so an
-    image's mean colour says little about its class: a model must learn which colours and outlines go
-    together. Both halves of a scene show its class, as SplitMask's matching needs. Image i of a split
-    comes from np.random.default_rng((seed, split, i)): the same on every machine and in every epoch."""
+    """The built-in data, drawn on the fly: class c is 3-6 shapes of kind c and a distractor, in two complementary
+    hues (c/20 and c/20 + 1/2 of the colour wheel) on a gradient or stripes of the same hues. Colours average to
+    grey, so a model must learn which colours and outlines go together; both halves of a scene show its class.
+    Image i of a split comes from np.random.default_rng((seed, split, i)): the same on every machine."""
 
     def __init__(self, num_images=2000, img_size=32, split="train", seed=0):
         self.img_size, self.seed, self.split_id = img_size, seed, ("train", "val", "test").index(split)
@@ -130,11 +128,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def _image_files(folder):
     """Every image file under folder, recursively, in a fixed (sorted) order."""
-    found = []
-    for parent, dirs, files in os.walk(folder):
-        dirs.sort()
-        found += [os.path.join(parent, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return found
+    return sorted(os.path.join(parent, f) for parent, _, files in os.walk(folder) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -148,11 +143,12 @@ TRAIN_IMAGES = dict(imagenet=1_281_167, inat2018=437_513, inat2019=265_240, coco
                     ade20k=20_210, imagenette=9_469, cars=8_144)
 # What a dataset's root must hold (the README's datasets table says where to get each).
 IMAGE_FOLDER = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (the ImageFolder layout)"
+CIFAR_PYTHON = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's download
 LAYOUTS = {"folder": "image files anywhere under <root> (or under <root>/train/ and <root>/val/)",
            "coco": "<root>/train2017/*.jpg and <root>/val2017/*.jpg",
            "ade20k": "<root>/images/training/*.jpg and <root>/images/validation/*.jpg",
-           "cifar10": "<root>/cifar-10-batches-py/ (the python version), or " + IMAGE_FOLDER,
-           "cifar100": "<root>/cifar-100-python/ (the python version), or " + IMAGE_FOLDER}
+           **{name: f"<root>/{pickles}/ (the python version), or {IMAGE_FOLDER}"
+              for name, pickles in CIFAR_PYTHON.items()}}
 
 
 def quick_fraction(name):
@@ -200,16 +196,11 @@ def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_ima
         raise _missing(name, "it needs --data_root=<its folder>")
     elif not os.path.isdir(root):
         raise _missing(name, f"--data_root={root} is not a folder")
-    elif name in LABELLED_FOLDERS:
-        dataset = image_folder(root, split, name)
-    elif name.startswith("cifar"):  # the python version if it is there, else image files in class folders
+    elif name in CIFAR_PYTHON and os.path.isdir(os.path.join(root, CIFAR_PYTHON[name])):
         from torchvision.datasets import CIFAR10, CIFAR100
-        python_version = {"cifar10": (CIFAR10, "cifar-10-batches-py"), "cifar100": (CIFAR100, "cifar-100-python")}
-        cifar, folder = python_version[name]
-        if os.path.isdir(os.path.join(root, folder)):
-            dataset = cifar(root, split == "train", v2.PILToTensor())
-        else:
-            dataset = image_folder(root, split, name)
+        dataset = (CIFAR10 if name == "cifar10" else CIFAR100)(root, split == "train", v2.PILToTensor())
+    elif name in LABELLED_FOLDERS or name in CIFAR_PYTHON:  # CIFAR may come as class folders too
+        dataset = image_folder(root, split, name)
     elif name == "folder":
         dataset = image_files(_split_dir(root, split) or root, name)
     elif name == "coco":
@@ -271,9 +262,8 @@ def normalize(images, undo=False):
 # ----------------------------------------------------------------------------- masks and loaders
 
 class Augmented(torch.utils.data.Dataset):
-    """(image tensor, label): the transform of sample i in epoch e runs under a seed made of
-    (seed, e, i) alone, so it does not depend on worker count, process count or where a resumed
-    run restarted. set_epoch(loader, e) reaches the copies in persistent workers (shared memory)."""
+    """(image, label), transformed under a seed made of (seed, epoch, i) alone: the same whatever the workers,
+    processes or where a resumed run restarted. set_epoch reaches persistent workers' copies (shared memory)."""
 
     def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -289,8 +279,8 @@ class Augmented(torch.utils.data.Dataset):
         return int(np.random.SeedSequence((self.seed, int(self.epoch), i)).generate_state(1)[0])
 
     def load(self, i):
-        """dataset[i]; an unreadable image is replaced by the next readable one. It is counted where it is
-        sample i itself (once per epoch, whatever replaces what) and named in a warning once."""
+        """dataset[i], or the next readable image; an unreadable one is counted as sample i (once per epoch,
+        whatever replaces what) and named once."""
         for j in range(i, i + 100):
             try:
                 return self.dataset[j % len(self.dataset)]
@@ -341,8 +331,7 @@ class Sampler(torch.utils.data.DistributedSampler):
 
 def leave_stop_signals_to_main(worker_id):
     """Ctrl-C and a scheduler's SIGUSR1 reach every process of the job: the main process saves and exits,
-    its loader workers must not die of them. (PyTorch's workers die of a SIGTERM not sent by their
-    parent, so with --workers>0 send SIGTERM to the main process only.)"""
+    its loader workers must not die of them. (A SIGTERM kills workers: send it to the main process only.)"""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -360,8 +349,8 @@ def make_loader(dataset, batch_size, train=True, workers=4, seed=0):
 
 
 def set_epoch(loader, epoch, skip_batches=0):
-    """Reshuffle for this epoch, start it after skip_batches batches, and give the dataset's
-    augmentations and masks their epoch (and a fresh count of unreadable images)."""
+    """Reshuffle for this epoch, start it after skip_batches batches, give augmentations and masks their
+    epoch, and start a new count of unreadable images."""
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = skip_batches * loader.batch_size
     if hasattr(loader.dataset, "epoch"):

@@ -202,7 +202,8 @@ def main():
         top1, top5 = evaluate(train_model, val_loader, device, autocast)
         if common.MASTER:
             bar.write(f"epoch {epoch}: train loss {train_loss:.4f}, val top-1 {top1:.2f}%, top-5 {top5:.2f}%")
-        common.log(cfg, dict(epoch=epoch, step=step, train_loss=train_loss, top1=top1, top5=top5, unreadable=unreadable))
+        common.log(cfg, dict(epoch=epoch, step=step, train_loss=train_loss, top1=top1, top5=top5,
+                             unreadable=unreadable))
         if top1 > best and common.MASTER:
             common.save(os.path.join(cfg["out_dir"], "best.pt"), dict(model=model.state_dict(), config=cfg, top1=top1,
                                                                       epoch=epoch + 1))

@@ -38,7 +38,7 @@ config = dict(
     probe_lr=1e-3,  # AdamW learning rate of the probes
     knn_k=20,  # neighbours that vote
     knn_temperature=0.07,  # votes weighted by exp(cosine / t)
-    out_dir="",  # results, plot and feature cache; "": <checkpoint>_probe/, or out/probe_random_init/
+    out_dir="",  # results and feature cache; "": <checkpoint>_probe/ beside it, or out/random_init_probe/
     device="auto",  # auto (a GPU if there is one) | cpu | cuda
     dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
     workers=common.cpu_workers(),  # loader processes
@@ -109,7 +109,8 @@ def main():
     pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
     common.check(cfg)
     device, autocast, _ = common.setup(cfg)
-    out_dir = cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] + "_probe" if cfg["init"] else "out/probe_random_init")
+    # by default beside the checkpoint, named after it, so that probes of different checkpoints never mix
+    out_dir = cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + "_probe"
     torch.manual_seed(cfg["seed"])
     os.makedirs(out_dir, exist_ok=True)
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"])  # random init unless --init
@@ -142,7 +143,8 @@ def main():
         common.fail(f"--dataset={cfg['dataset']} has no class labels; probing needs a labelled dataset")
 
     # probes per block
-    probe = train_linear_probes(train_x, train_y, C, cfg["probe_epochs"], cfg["probe_lr"], cfg["batch_size"], cfg["seed"])
+    probe = train_linear_probes(train_x, train_y, C, cfg["probe_epochs"], cfg["probe_lr"], cfg["batch_size"],
+                                cfg["seed"])
     linear = ((probe(val_x).argmax(-1) == val_y[:, None]).float().mean(0) * 100).tolist()
     knn = [knn_accuracy(train_x[:, i], train_y, val_x[:, i], val_y, C, cfg["knn_k"], cfg["knn_temperature"])
            for i in range(train_x.shape[1])]
