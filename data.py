@@ -330,10 +330,11 @@ class Sampler(torch.utils.data.DistributedSampler):
 
 
 def leave_stop_signals_to_main(worker_id):
-    """Ctrl-C and a scheduler's SIGUSR1 reach every process of the job: the main process saves and exits,
-    its loader workers must not die of them. (A SIGTERM kills workers: send it to the main process only.)"""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Ctrl-C, and a scheduler's SIGTERM or SIGUSR1, reach every process of the job: the main process saves and
+    exits, so its loader workers must not die of them (they still end with the main process: PyTorch's
+    workers leave when their parent does)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0):

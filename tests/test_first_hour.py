@@ -17,11 +17,15 @@ SCRIPTS = ["pretrain.py", "finetune.py", "probe.py", "export.py", "bench.py", "r
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A checkpoint at 16 px in 4 px patches: not the downstream scripts' default 32 px."""
+def pretraining(tmp_path_factory):
+    """A one-epoch run at 16 px in 4 px patches (not the downstream scripts' default 32 px): its output."""
     out = tmp_path_factory.mktemp("pretrain")
-    run("pretrain.py", *TINY, "--epochs=1", f"--out_dir={out}")
-    return str(out / "ckpt.pt")
+    return str(out / "ckpt.pt"), run("pretrain.py", *TINY, "--epochs=1", f"--out_dir={out}").stdout
+
+
+@pytest.fixture(scope="module")
+def pretrained(pretraining):
+    return pretraining[0]
 
 
 # ----------------------------------------------------------------------------- 1. checkpoints carry their architecture
@@ -31,8 +35,9 @@ def test_probe_and_finetune_take_the_architecture_from_the_checkpoint(pretrained
     results = json.loads(open(pretrained.replace(".pt", "_probe/results.json")).read())  # out_dir named after it
     assert (results["config"]["img_size"], results["config"]["patch_size"]) == (16, 4)
     assert "resized" not in result.stdout and f"done: {pretrained[:-3]}_probe/results.json" in result.stdout
-    run("finetune.py", f"--init={pretrained}", "--num_images=32", "--batch_size=16", "--epochs=1", "--workers=0",
-        f"--out_dir={tmp_path / 'finetune'}")
+    result = run("finetune.py", f"--init={pretrained}", "--num_images=32", "--batch_size=16", "--epochs=1",
+                 "--workers=0", f"--out_dir={tmp_path / 'finetune'}")
+    assert f"in {tmp_path}/finetune/best.pt" in result.stdout  # where its results are
     config = json.loads(open(tmp_path / "finetune" / "log.jsonl").readline())["config"]
     assert (config["model"], config["img_size"], config["patch_size"]) == ("tiny", 16, 4)
 
@@ -116,7 +121,7 @@ def test_workers_default_to_the_cores_this_machine_has():
 
 def test_ctrl_c_saves_within_a_step_and_resumes(tmp_path):
     """SIGINT as SIGTERM, and a signal acts after the current step, not at the next log step."""
-    flags = [*TINY, "--num_images=256", "--epochs=3", "--log_every=1000"]  # 16 steps an epoch, logged at its end
+    flags = [*TINY, "--num_images=256", "--log_every=1000"]  # 2 epochs of 16 steps, logged at their ends
     reference = tmp_path / "reference"
     run("pretrain.py", *flags, f"--out_dir={reference}")
     out = str(tmp_path / "stopped")
@@ -185,8 +190,8 @@ def test_did_you_mean(monkeypatch, capsys, script, flag, suggestion):
     assert code == 1 and "did you mean" in err and suggestion in err.split("did you mean")[1], err
 
 
-def test_one_epoch_reads_one_epoch(tmp_path):
-    assert "1 epoch of 4 steps" in run("pretrain.py", *TINY, "--epochs=1", f"--out_dir={tmp_path}").stdout
+def test_one_epoch_reads_one_epoch(pretraining):
+    assert "1 epoch of 4 steps" in pretraining[1]
 
 
 # ----------------------------------------------------------------------------- 6. outputs a user can find
@@ -196,9 +201,6 @@ def test_runs_say_where_their_outputs_are_and_a_finished_run_says_so(tmp_path):
     assert f"done: checkpoint {tmp_path}/ckpt.pt" in result.stdout and "picture" not in result.stdout
     again = run("pretrain.py", *TINY, "--pictures=0", f"--out_dir={tmp_path}")
     assert "nothing left to train" in again.stdout and len(log_rows(str(tmp_path))) == 8
-    result = run("finetune.py", "--num_images=32", "--img_size=16", "--batch_size=16", "--epochs=1", "--workers=0",
-                 f"--out_dir={tmp_path / 'finetune'}")
-    assert f"in {tmp_path}/finetune/best.pt" in result.stdout
 
 
 def test_pictures_by_default_spread_over_the_run(tmp_path):

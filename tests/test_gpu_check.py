@@ -9,8 +9,8 @@ from test_pretrain import run
 def test_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     result = run("gpu_check.py", "--device=cpu", "--tiny=True", f"--out_dir={tmp_path}", timeout=600)
     rows = {name: (value, note) for name, value, note in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
-    for name in ("SplitMask step", "BEiT step", "loading: ours, one worker", "loader workers to feed the step",
-                 "what limits the step"):
+    for name in ("SplitMask step", "BEiT step", "loading: plain torchvision, one worker", "loading: ours, one worker",
+                 "loader workers to feed the step", "what limits the step"):
         assert name in rows and name in result.stdout, name
     assert rows["torchrun pretrain.py: kill and resume"][0] == "ok", rows["torchrun pretrain.py: kill and resume"]
     assert "2 processes, killed after step" in rows["torchrun pretrain.py: kill and resume"][1]

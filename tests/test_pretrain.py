@@ -103,15 +103,16 @@ def test_preemption_saves_mid_epoch_and_resumes_bit_exact(reference, tmp_path, s
     assert_same_weights(weights(out), weights(reference))
 
 
-def test_sigusr1_to_the_whole_process_group_with_loader_workers_saves_and_resumes(reference, tmp_path):
-    """SLURM's --signal=USR1@T reaches every process of the job, DataLoader workers included (those of
-    the vocabulary pass too): they must not die of it, so the run still saves and resumes."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_sigusr1_to_the_whole_process_group_with_loader_workers_saves_and_resumes(reference, tmp_path, sig):
+    """SLURM's --signal=USR1@T and its preemption SIGTERM reach every process of the job, DataLoader workers
+    included (those of the vocabulary pass too): they must not die of it, so the run still saves and resumes."""
     out = str(tmp_path)
     process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--workers=1", f"--out_dir={out}"], cwd=ROOT,
                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # its own process group, as a scheduler's job step
     wait_for_step(process, out, 2)
-    os.killpg(process.pid, signal.SIGUSR1)
+    os.killpg(process.pid, sig)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "stop signal" in output, output
     resumed = run("pretrain.py", *TINY, "--workers=1", f"--out_dir={out}")
