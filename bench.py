@@ -87,7 +87,8 @@ def training_step(cfg, device, autocast, method, images, vocab):
     """pretrain.train_step of one method on a fixed batch, as a function; and its FLOPs per image."""
     torch.manual_seed(0)
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], drop_path=0.1)
-    model = (SplitMask(encoder, cfg["vocab_size"]) if method == "splitmask" else BEiT(encoder, cfg["vocab_size"])).to(device)
+    model = SplitMask(encoder, cfg["vocab_size"]) if method == "splitmask" else BEiT(encoder, cfg["vocab_size"])
+    model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     masks = random_masks(method, encoder.grid, cfg["batch_size"]).to(device)
     net = torch.compile(model) if cfg["compile"] else model
@@ -103,7 +104,8 @@ def vit_fwd_bwd(cfg, device, autocast):
     layer = nn.TransformerEncoderLayer(ours.dim, ours.heads, 4 * ours.dim, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True, layer_norm_eps=1e-6)
     blocks = nn.TransformerEncoder(layer, ours.depth, norm=nn.LayerNorm(ours.dim, eps=1e-6), enable_nested_tensor=False)
-    theirs = nn.ModuleDict(dict(embed=nn.Conv2d(3, ours.dim, ours.patch_size, ours.patch_size), blocks=blocks)).to(device)
+    embed = nn.Conv2d(3, ours.dim, ours.patch_size, ours.patch_size)
+    theirs = nn.ModuleDict(dict(embed=embed, blocks=blocks)).to(device)
     pos = nn.Parameter(torch.zeros(1, ours.num_patches, ours.dim, device=device))
     images = torch.randn(cfg["batch_size"], 3, cfg["img_size"], cfg["img_size"], device=device)
 
@@ -220,30 +222,37 @@ def main():
         rows.append((name, value, note))
         print(f"{name:<44} {value:>14}  {note}", flush=True)
 
-    B, shape = cfg["batch_size"], f"ViT-{cfg['model']}/{cfg['patch_size']} at {cfg['img_size']}px, batch {cfg['batch_size']}, {dtype}"
-    print(f"splitmask bench on {machine(device)}; torch {torch.__version__}; {shape}{', compiled' if cfg['compile'] else ''}\n")
+    B = cfg["batch_size"]
+    print(f"splitmask bench on {machine(device)}; torch {torch.__version__}; ViT-{cfg['model']}/{cfg['patch_size']} "
+          f"at {cfg['img_size']}px, batch {B}, {dtype}{', compiled' if cfg['compile'] else ''}\n")
     # The matmul (MFU denominator), the two training steps and tokenization take turns, round by round.
     size = 4096 if device.type == "cuda" else 512 if dtype == "float16" else 2048  # CPUs emulate fp16 slowly
     a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
     images = torch.randn(B, 3, cfg["img_size"], cfg["img_size"], device=device)
     vocab = tokenizers.random_projection_vocab(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, seed=0).to(device)
     token_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # as pretrain.py
-    (splitmask, f_split), (beit, f_beit) = (training_step(cfg, device, autocast, m, images, vocab) for m in ("splitmask", "beit"))
+    (splitmask, f_split), (beit, f_beit) = (training_step(cfg, device, autocast, method, images, vocab)
+                                            for method in ("splitmask", "beit"))
     t = seconds_per_call(dict(matmul=lambda: a @ a, splitmask=splitmask, beit=beit,
                               tokenize=lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"], token_dtype)),
                          device, cfg["warmup"], cfg["steps"])
     matmul, t_split, t_beit = 2 * size**3 / t["matmul"], t["splitmask"], t["beit"]
     row(f"dense matmul ({dtype})", f"{matmul / 1e12:.2f} TFLOP/s", "the MFU denominator, measured in the same rounds")
-    row("SplitMask step", f"{B / t_split:.1f} img/s", f"{t_split * 1e3:.0f} ms/step; MFU {B * f_split / t_split / matmul:.1%} of the matmul")
+    row("SplitMask step", f"{B / t_split:.1f} img/s",
+        f"{t_split * 1e3:.0f} ms/step; MFU {B * f_split / t_split / matmul:.1%} of the matmul")
     for name, peak in DATASHEET.items():
         if device.type == "cuda" and name in machine(device):
-            row("SplitMask MFU vs datasheet", f"{B * f_split / t_split / peak:.1%}", f"{name} bf16 dense {peak / 1e12:.0f} TFLOP/s")
-            row("300 ImageNet epochs (1.28M img)", f"{300 * 1.281e6 / (B / t_split) / 3600:.1f} h", "on this one device")
+            row("SplitMask MFU vs datasheet", f"{B * f_split / t_split / peak:.1%}",
+                f"{name} bf16 dense {peak / 1e12:.0f} TFLOP/s")
+            row("300 ImageNet epochs (1.28M img)", f"{300 * 1.281e6 / (B / t_split) / 3600:.1f} h",
+                "on this one device")
     if device.type == "cuda":
         row("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", "the largest step above")
     row("BEiT step", f"{B / t_beit:.1f} img/s", f"MFU {B * f_beit / t_beit / matmul:.1%}")
-    row("SplitMask / BEiT step time", f"{t_split / t_beit:.2f}x", f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
-    row("tokenization share of the step", f"{t['tokenize'] / t_split:.2%}", f"{t['tokenize'] * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
+    row("SplitMask / BEiT step time", f"{t_split / t_beit:.2f}x",
+        f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
+    row("tokenization share of the step", f"{t['tokenize'] / t_split:.2%}",
+        f"{t['tokenize'] * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
     ours, reference = vit_fwd_bwd(cfg, device, autocast)
     t = seconds_per_call(dict(ours=ours, reference=reference), device, cfg["warmup"], cfg["steps"])
     row("our ViT / nn.TransformerEncoderLayer", f"{t['ours'] / t['reference']:.2f}x",
@@ -257,7 +266,8 @@ def main():
         folder = cfg["data"] or write_jpegs(os.path.join(os.path.dirname(cfg["out"]) or ".", "bench_jpegs"))
         rate = loading_rows(cfg, folder)
         files = f"{'' if cfg['data'] else '640x480 '}JPEGs of {folder}"
-        row("loading: plain torchvision, one worker", f"{rate['torchvision']:.0f} img/s", f"{files} -> {cfg['img_size']} px")
+        row("loading: plain torchvision, one worker", f"{rate['torchvision']:.0f} img/s",
+            f"{files} -> {cfg['img_size']} px")
         row("loading: ours, one worker", f"{rate['ours']:.0f} img/s",
             f"{rate['ours'] / rate['torchvision']:.2f}x torchvision's; {rate['ours_with_masks']:.0f} img/s with masks")
         step_rate = B / t_split if device.type == "cuda" else cfg["gpu_img_s"]
@@ -266,7 +276,8 @@ def main():
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     with open(cfg["out"], "w") as f:
         json.dump(dict(config=cfg, machine=machine(device), torch=torch.__version__, rows=rows,
-                       nce=[dict(zip(("n", "fused_s", "naive_s", "fused_bytes", "naive_bytes"), r)) for r in nce]), f, indent=1)
+                       nce=[dict(zip(("n", "fused_s", "naive_s", "fused_bytes", "naive_bytes"), r)) for r in nce]),
+                  f, indent=1)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ class SyntheticShapes(torch.utils.data.Dataset):
     hues (c/20 and c/20 + 1/2 of the colour wheel) on a gradient or stripes of the same hues. Colours average to
     grey, so a model must learn which colours and outlines go together; both halves of a scene show its class.
     Image i of a split comes from np.random.default_rng((seed, split, i)): the same on every machine."""
-
     def __init__(self, num_images=2000, img_size=32, split="train", seed=0):
         self.img_size, self.seed, self.split_id = img_size, seed, ("train", "val", "test").index(split)
         self.classes = list(SHAPES)
@@ -93,8 +92,7 @@ def load_rgb(path):
             pixels = np.asarray(image, dtype=np.float64)
             scale = 257.0 if image.mode != "I" or pixels.max() > 255 else 1.0
             return Image.fromarray((pixels / scale).round().clip(0, 255).astype(np.uint8)).convert("RGB")
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            # transparent pixels shown on white, as an image viewer does, not in the colour they hide
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # on white, as a viewer shows it
             image = image.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
         return image.convert("RGB")
@@ -115,7 +113,6 @@ def read_image(path):
 
 class ImageFiles(torch.utils.data.Dataset):
     """A list of (path, label) pairs, read with read_image. `classes` names the labels."""
-
     def __init__(self, samples, classes):
         self.samples, self.classes, self.targets = samples, classes, [label for _, label in samples]
 
@@ -137,10 +134,10 @@ SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test":
 LABELLED_FOLDERS = ("imagefolder", "imagenette", "imagenet", "inat2018", "inat2019", "food101", "cars",
                     "clipart", "painting", "sketch")
 DATASETS = ("synthetic", *LABELLED_FOLDERS, "cifar10", "cifar100", "folder", "coco", "ade20k")
-# Training images of the paper's datasets, for the quick recipe's share of about 10,000.
 TRAIN_IMAGES = dict(imagenet=1_281_167, inat2018=437_513, inat2019=265_240, coco=118_287, food101=75_750,
                     painting=52_867, cifar10=50_000, cifar100=50_000, sketch=49_115, clipart=34_019,
-                    ade20k=20_210, imagenette=9_469, cars=8_144)
+                    ade20k=20_210, imagenette=9_469, cars=8_144)  # the paper's datasets' training images
+QUICK_FRACTION = {name: round(min(1.0, 10_000 / TRAIN_IMAGES.get(name, 10_000)), 3) for name in DATASETS}  # ~10k
 # What a dataset's root must hold (the README's datasets table says where to get each).
 IMAGE_FOLDER = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (the ImageFolder layout)"
 CIFAR_PYTHON = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's download
@@ -149,10 +146,6 @@ LAYOUTS = {"folder": "image files anywhere under <root> (or under <root>/train/ 
            "ade20k": "<root>/images/training/*.jpg and <root>/images/validation/*.jpg",
            **{name: f"<root>/{pickles}/ (the python version), or {IMAGE_FOLDER}"
               for name, pickles in CIFAR_PYTHON.items()}}
-
-
-def quick_fraction(name):
-    return round(min(1.0, 10_000 / TRAIN_IMAGES.get(name, 10_000)), 3)
 
 
 def _missing(name, problem):
@@ -264,7 +257,6 @@ def normalize(images, undo=False):
 class Augmented(torch.utils.data.Dataset):
     """(image, label), transformed under a seed made of (seed, epoch, i) alone: the same whatever the workers,
     processes or where a resumed run restarted. set_epoch reaches persistent workers' copies (shared memory)."""
-
     def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed = dataset, transform, seed
         self.classes = getattr(dataset, "classes", [])
@@ -301,7 +293,6 @@ class Augmented(torch.utils.data.Dataset):
 class MaskedImages(Augmented):
     """(image, mask, label): SplitMask's [2, k] visible patch indices of branches A and B, or BEiT's [m]
     masked patch indices. Counts are exact, so default collation stacks them."""
-
     def __init__(self, dataset, transform, grid, method="splitmask", mask_ratio=0.5, mask_kind="block",
                  min_block=16, seed=0):
         super().__init__(dataset, transform, seed)

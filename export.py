@@ -62,7 +62,7 @@ def to_timm(state, cls_token=True):
                     value = value * (gamma[:, None] if value.dim() == 2 else gamma)
             out[f"blocks.{i}.{rename(rest, BLOCK_NAMES)}"] = value
         elif name.startswith(("encoder.patch_embed", "encoder.norm")) or (
-                name.split(".")[0] in ("fc_norm", "head") and "fc_norm.weight" in state):  # a classifier's, not the MIM head
+                name.split(".")[0] in ("fc_norm", "head") and "fc_norm.weight" in state):  # a classifier's head
             out[rename(name, TOP_NAMES)] = value
     return out
 

@@ -72,7 +72,7 @@ PAPER_RECIPES = {**{name: LARGE for name in ("imagenet", "inat2018", "inat2019",
                  **{name: SMALL for name in ("cars", "clipart", "painting", "sketch", "imagenette")},
                  **{name: dict(SMALL, img_size=32, patch_size=4, batch_size=256) for name in ("cifar10", "cifar100")}}
 PRESETS = {**{f"{name}/paper": recipe for name, recipe in PAPER_RECIPES.items()},
-           **{f"{name}/quick": dict(QUICK, fraction=data.quick_fraction(name),
+           **{f"{name}/quick": dict(QUICK, fraction=data.QUICK_FRACTION[name],
                                     **(dict(img_size=32, patch_size=4) if "cifar" in name else {}))
               for name in PAPER_RECIPES}}
 

@@ -112,7 +112,8 @@ def main():
     if workers is not None:
         limit = "the loader" if workers * gpus > cores - gpus else "the GPU"
         rows.append(("what limits the step", limit, f"{workers:.1f} workers per GPU x {gpus} GPUs, {cores} cores"))
-    print(f"\ngpu_check on {torch.cuda.get_device_name() if cfg['device'] != 'cpu' else 'CPU'}, torch {torch.__version__}, "
+    name = torch.cuda.get_device_name() if cfg["device"] != "cpu" else "CPU"
+    print(f"\ngpu_check on {name}, torch {torch.__version__}, "
           f"{time.perf_counter() - started:.0f} s\n")
     for name, value, note in rows:
         print(f"| {name} | {value} | {note} |")

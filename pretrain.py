@@ -93,7 +93,7 @@ PAPER_RECIPES = {
 }
 PRESETS = {"beit": dict(mask_ratio=0.4),  # BEiT masks 40% (75 of 196 patches)
            **{f"{name}/paper": recipe for name, recipe in PAPER_RECIPES.items()},
-           **{f"{name}/quick": dict(QUICK, fraction=data.quick_fraction(name), **(CIFAR if "cifar" in name else {}))
+           **{f"{name}/quick": dict(QUICK, fraction=data.QUICK_FRACTION[name], **(CIFAR if "cifar" in name else {}))
               for name in PAPER_RECIPES}}
 
 

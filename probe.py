@@ -47,7 +47,7 @@ config = dict(
 # Real datasets: the images and, for random init, the sizes of pretrain.py's recipe (a checkpoint brings its own).
 QUICK, PAPER = dict(model="tiny", img_size=112, patch_size=16), dict(model="small", img_size=224, patch_size=16)
 CIFAR = dict(img_size=32, patch_size=4)
-PRESETS = {**{f"{name}/quick": dict(QUICK, fraction=data.quick_fraction(name), **(CIFAR if "cifar" in name else {}))
+PRESETS = {**{f"{name}/quick": dict(QUICK, fraction=data.QUICK_FRACTION[name], **(CIFAR if "cifar" in name else {}))
               for name in data.DATASETS[1:]},
            **{f"{name}/paper": dict(PAPER, **(CIFAR if "cifar" in name else {})) for name in data.DATASETS[1:]}}
 

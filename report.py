@@ -27,7 +27,9 @@ def plot(path, curves, title):
     L = len(next(iter(curves.values())))
     values = [v for curve in curves.values() for v in curve]
     low, high = 10 * int(min(values) // 10), min(100, 10 * int(max(values) // 10) + 10)  # the decades in use
-    to_xy = lambda i, acc: (pad + i * (right - pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad))
+    def to_xy(i, acc):
+        return pad + i * (right - pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad)
+
     for acc in range(low, high + 1, 10):
         draw.line([to_xy(0, acc), to_xy(L - 1, acc)], fill=(225, 225, 225))
         draw.text((8, to_xy(0, acc)[1] - 6), f"{acc}%", fill="black")
@@ -54,26 +56,29 @@ def report(folder):
             continue
         with open(os.path.join(folder, name, "probe", "results.json")) as f:
             probe = json.load(f)
-        row = dict(knn=max(probe["knn"]), linear=probe["best_linear"], best_layer=probe["best_layer"], finetune=None, hours=0.0)
+        row = dict(knn=max(probe["knn"]), linear=probe["best_linear"], best_layer=probe["best_layer"], finetune=None,
+                   hours=0.0)
         if os.path.exists(os.path.join(folder, name, "finetune", "log.jsonl")):
-            epochs = [r["top1"] for r in read_jsonl(os.path.join(folder, name, "finetune", "log.jsonl")) if "top1" in r]
+            log = read_jsonl(os.path.join(folder, name, "finetune", "log.jsonl"))
+            epochs = [r["top1"] for r in log if "top1" in r]
             row["finetune"] = max(epochs, default=None)  # None: fine-tuning has not finished an epoch yet
         if os.path.exists(os.path.join(folder, name, "pretrain", "log.jsonl")):  # training time from the logged img/s
             log = read_jsonl(os.path.join(folder, name, "pretrain", "log.jsonl"))
             batch, steps = log[0]["config"]["batch_size"], [r for r in log if "step" in r]
-            row["hours"] = sum((r["step"] - p["step"]) * batch / r["img_s"] for p, r in zip([{"step": 0}] + steps, steps)) / 3600
+            seconds = sum((r["step"] - p["step"]) * batch / r["img_s"] for p, r in zip([{"step": 0}] + steps, steps))
+            row["hours"] = seconds / 3600
         table[name], curves[name] = row, probe["linear"]
     if not table:
         common.fail(f"no <row>/probe/results.json under {folder}")
-    print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 |\n|---|---|---|---|---|")
+    print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 |")
+    print("|---|---|---|---|---|")
     for name, r in table.items():
         finetune = "-" if r["finetune"] is None else f"{r['finetune']:.1f}"
         print(f"| {name} | {r['hours']:.2f} | {r['knn']:.1f} | {r['linear']:.1f} ({r['best_layer']}) | {finetune} |")
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(dict(table=table, linear_by_block=curves), f, indent=1)
-    plot(os.path.join(folder, "probe_by_block.png"), curves, f"linear probe by block, {os.path.basename(folder.rstrip('/'))}")
-
-
+    title = f"linear probe by block, {os.path.basename(folder.rstrip('/'))}"
+    plot(os.path.join(folder, "probe_by_block.png"), curves, title)
 
 
 def main():
