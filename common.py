@@ -21,6 +21,9 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 MASTER = RANK == 0
 CHOICES = dict(recipe=("quick", "paper"), device=("auto", "cpu", "cuda"),
                dtype=("auto", "bfloat16", "float16", "float32"))
+# Settings a run may change when it resumes; any other change needs --override_config=True.
+FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "pictures", "compile", "device",
+                  "max_unreadable", "override_config")
 
 
 def print0(*args, **kwargs):
@@ -61,6 +64,16 @@ def cpu_workers():
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
+def dataset(cfg, split):
+    """data.build_dataset with the run's flags (--num_images: training only); a missing dataset stops the run."""
+    import data  # here, not at the top: export.py and report.py need no torchvision
+    try:
+        return data.build_dataset(cfg["dataset"], cfg["data_root"], split, cfg["img_size"], cfg["fraction"],
+                                  cfg["seed"], cfg["num_images"] if split == "train" else None)
+    except FileNotFoundError as e:
+        fail(e)
+
+
 # ----------------------------------------------------------------------------- flags
 
 def configure(config, doc, script, presets={}, chosen=lambda cfg: [], choices={}):
@@ -94,27 +107,21 @@ def configure(config, doc, script, presets={}, chosen=lambda cfg: [], choices={}
 
 
 def print_help(config, doc, script, presets):
-    """The docstring, then each flag with its default, its comment and the values presets give it: for a
-    recipe, its usual value, then the datasets that differ ("quick 112 (cifar10 32)")."""
+    """The docstring, then each flag with its default, its comment and the values presets give it (one that
+    lacks the flag gives the default): for a recipe, its usual value, then the datasets that differ."""
     with open(script) as f:
         block = f.read().split("config = dict(", 1)[1].split("\n)", 1)[0]
     comments = dict(re.findall(r"^    (\w+)=.*?#\s*(.*)$", block, re.M))
     print(doc.strip() + "\n\nflags (--key=value), each with its default:")
     for key, value in config.items():
         print(f"  --{key}={value}".ljust(35), comments.get(key, ""))
-        groups = {}  # recipe -> {dataset: value}
-        for name, overrides in presets.items():
-            if key in overrides:
-                groups.setdefault(name.split("/")[-1], {})[name.split("/")[0]] = overrides[key]
         parts = []
-        for recipe, values in groups.items():
+        for recipe in dict.fromkeys(name.split("/")[-1] for name, overrides in presets.items() if key in overrides):
+            values = {name.split("/")[0]: overrides.get(key, value) for name, overrides in presets.items()
+                      if name.split("/")[-1] == recipe}
             usual = max(values.values(), key=list(values.values()).count)
-            every = len(values) == sum(name.endswith("/" + recipe) or name == recipe for name in presets)
-            if every:
-                others = [f"{dataset} {v}" for dataset, v in values.items() if v != usual]
-                parts.append(f"{recipe} {usual}" + (f" ({', '.join(others)})" if others else ""))
-            else:
-                parts.append(f"{recipe} {usual} for {', '.join(d for d, v in values.items() if v == usual)}")
+            others = [f"{dataset} {v}" for dataset, v in values.items() if v != usual]
+            parts.append(f"{recipe} {usual}" + (f" ({', '.join(others)})" if others else ""))
         if parts:
             print(" " * 36 + "presets: " + "; ".join(parts))
 
@@ -183,12 +190,14 @@ def matmul_flops(device, dtype):
     return 2 * size**3 / min(seconds)
 
 
-def lr_at(step, total_steps, warmup_steps, peak, floor):
-    """Linear warm-up, then cosine decay to floor."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+def set_lr(optimizer, step, total_steps, warmup_steps, peak, floor):
+    """Linear warm-up, then cosine decay to floor, times each param group's lr_scale (layer decay). Returns it."""
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    cosine = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    lr = peak * (step + 1) / warmup_steps if step < warmup_steps else cosine
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -231,11 +240,6 @@ def encoder_weights(cfg, given, path):
         print0(f"--img_size={cfg['img_size']}: the checkpoint was trained at {size} px; its position embeddings "
                f"are resized from a {size // patch}x{size // patch} to a {cfg['img_size'] // patch}^2 grid")
     return saved["model"]
-
-
-# Settings a run may change when it resumes; any other change needs --override_config=True.
-FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "pictures", "compile", "device",
-                  "max_unreadable", "override_config")
 
 
 def resume(path, cfg, model, optimizer, scaler):

@@ -11,18 +11,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from masking import beit_mask, split_patches
 
-try:  # torchvision decodes JPEGs to PIL's exact pixels, faster; PIL does it where a torchvision has no decoder
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:
-    decode_jpeg = None
 
 # ----------------------------------------------------------------------------- built-in scenes
-
-
 def _polygon(radii, angles=None):  # radius radii[i] at angles[i] (degrees; default: evenly spaced)
     t = np.radians(np.arange(len(radii)) * 360 / len(radii) if angles is None else angles)
     return np.stack([np.cos(t), np.sin(t)], 1) * np.asarray(radii, dtype=float)[:, None]
@@ -39,8 +34,7 @@ SHAPES = {  # class c draws shape c: outlines within the unit disc; the ring is 
     "crescent": np.concatenate([_arc(0, 1, 53, 307), _arc(0.6, 0.8, 270, 90)]), "half-disc": _arc(0, 1, 0, 180),
     "arrow": np.array([[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3], [0.1, -0.75]]),
     "heart": np.stack([np.sin(_t) ** 3, (5 * np.cos(2 * _t) + 2 * np.cos(3 * _t) + np.cos(4 * _t) - 13 * np.cos(_t))
-                       / 16], 1),
-}
+                       / 16], 1)}
 
 
 class SyntheticShapes(torch.utils.data.Dataset):
@@ -50,8 +44,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
     Image i of a split comes from np.random.default_rng((seed, split, i)): the same on every machine."""
     def __init__(self, num_images=2000, img_size=32, split="train", seed=0):
         self.img_size, self.seed, self.split_id = img_size, seed, ("train", "val", "test").index(split)
-        self.classes = list(SHAPES)
-        self.targets = [i % len(SHAPES) for i in range(num_images)]  # every split exactly class-balanced
+        self.classes, self.targets = list(SHAPES), [i % len(SHAPES) for i in range(num_images)]  # class-balanced
 
     def __len__(self):
         return len(self.targets)
@@ -104,7 +97,7 @@ def read_image(path):
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        if decode_jpeg is not None and raw[:3] == b"\xff\xd8\xff":
+        if raw[:3] == b"\xff\xd8\xff":
             return decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
         return v2.functional.pil_to_tensor(load_rgb(path))
     except (OSError, ValueError, SyntaxError, RuntimeError) as e:
@@ -123,8 +116,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return read_image(self.samples[i][0]), self.samples[i][1]
 
 
-def _image_files(folder):
-    """Every image file under folder, recursively, in a fixed (sorted) order."""
+def _image_files(folder):  # every image file under folder, recursively, in a fixed (sorted) order
     return sorted(os.path.join(parent, f) for parent, _, files in os.walk(folder) for f in files
                   if f.lower().endswith(IMAGE_EXTENSIONS))
 
@@ -133,17 +125,18 @@ def _image_files(folder):
 SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
 LABELLED_FOLDERS = ("imagefolder", "imagenette", "imagenet", "inat2018", "inat2019", "food101", "cars",
                     "clipart", "painting", "sketch")
-DATASETS = ("synthetic", *LABELLED_FOLDERS, "cifar10", "cifar100", "folder", "coco", "ade20k")
+CIFAR_PYTHON = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's download
+# Unlabelled image collections (label -1) with fixed layouts: name -> its (train, val) folders under the root.
+UNLABELLED = {"coco": ("train2017", "val2017"), "ade20k": ("images/training", "images/validation")}
+DATASETS = ("synthetic", *LABELLED_FOLDERS, *CIFAR_PYTHON, "folder", *UNLABELLED)
 TRAIN_IMAGES = dict(imagenet=1_281_167, inat2018=437_513, inat2019=265_240, coco=118_287, food101=75_750,
                     painting=52_867, cifar10=50_000, cifar100=50_000, sketch=49_115, clipart=34_019,
                     ade20k=20_210, imagenette=9_469, cars=8_144)  # the paper's datasets' training images
 QUICK_FRACTION = {name: round(min(1.0, 10_000 / TRAIN_IMAGES.get(name, 10_000)), 3) for name in DATASETS}  # ~10k
 # What a dataset's root must hold (the README's datasets table says where to get each).
 IMAGE_FOLDER = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (the ImageFolder layout)"
-CIFAR_PYTHON = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's download
 LAYOUTS = {"folder": "image files anywhere under <root> (or under <root>/train/ and <root>/val/)",
-           "coco": "<root>/train2017/*.jpg and <root>/val2017/*.jpg",
-           "ade20k": "<root>/images/training/*.jpg and <root>/images/validation/*.jpg",
+           **{name: f"<root>/{train}/*.jpg and <root>/{val}/*.jpg" for name, (train, val) in UNLABELLED.items()},
            **{name: f"<root>/{pickles}/ (the python version), or {IMAGE_FOLDER}"
               for name, pickles in CIFAR_PYTHON.items()}}
 
@@ -157,49 +150,34 @@ def _split_dir(root, split):
     return next((os.path.join(root, d) for d in SPLIT_DIRS[split] if os.path.isdir(os.path.join(root, d))), None)
 
 
-def image_folder(root, split, name="imagefolder"):
-    """The ImageFolder layout <root>/<split>/<class>/<image>, class names sorted into labels."""
-    folder = _split_dir(root, split)
-    if folder is None:
-        raise _missing(name, f"no {' or '.join(SPLIT_DIRS[split])} folder in {root}")
-    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
-    if not classes:
-        raise _missing(name, f"no class folders in {folder}")
-    samples = [(path, label) for label, c in enumerate(classes) for path in _image_files(os.path.join(folder, c))]
-    if not samples:
-        raise _missing(name, f"no image files in the class folders of {folder}")
-    return ImageFiles(samples, classes)
-
-
-def image_files(folder, name="folder"):
-    """Every image found under folder, unlabelled (label -1): COCO, ADE20k, any photo collection."""
-    files = _image_files(folder) if os.path.isdir(folder) else []
-    if not files:
-        raise _missing(name, f"no image files under {folder}")
-    return ImageFiles([(f, -1) for f in files], classes=[])
-
-
 def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_images=None):
     """A dataset of (uint8 image, int label) by name; `fraction` < 1 keeps a class-balanced share (chosen by
     seed). Raises FileNotFoundError naming the layout expected when root does not hold the dataset."""
     assert name in DATASETS and split in SPLIT_DIRS and 0 < fraction <= 1, (name, split, fraction)
     if name == "synthetic":  # drawn on the fly: no root
         dataset = SyntheticShapes(num_images or (2000 if split == "train" else 500), img_size, split, seed)
-    elif not root:
-        raise _missing(name, "it needs --data_root=<its folder>")
-    elif not os.path.isdir(root):
-        raise _missing(name, f"--data_root={root} is not a folder")
+    elif not root or not os.path.isdir(root):
+        raise _missing(name, f"--data_root={root} is not a folder" if root else "it needs --data_root=<its folder>")
     elif name in CIFAR_PYTHON and os.path.isdir(os.path.join(root, CIFAR_PYTHON[name])):
         from torchvision.datasets import CIFAR10, CIFAR100
         dataset = (CIFAR10 if name == "cifar10" else CIFAR100)(root, split == "train", v2.PILToTensor())
-    elif name in LABELLED_FOLDERS or name in CIFAR_PYTHON:  # CIFAR may come as class folders too
-        dataset = image_folder(root, split, name)
-    elif name == "folder":
-        dataset = image_files(_split_dir(root, split) or root, name)
-    elif name == "coco":
-        dataset = image_files(os.path.join(root, "train2017" if split == "train" else "val2017"), name)
-    else:  # ade20k
-        dataset = image_files(os.path.join(root, "images", "training" if split == "train" else "validation"), name)
+    elif name == "folder" or name in UNLABELLED:  # label -1: any photo collection, COCO, ADE20k
+        folders = UNLABELLED.get(name)  # "folder": <root>/train/ and <root>/val/ if there are, else all of <root>
+        folder = os.path.join(root, folders[split != "train"]) if folders else _split_dir(root, split) or root
+        dataset = ImageFiles([(path, -1) for path in _image_files(folder)], classes=[])
+        if not dataset.samples:
+            raise _missing(name, f"no image files under {folder}")
+    else:  # the ImageFolder layout <root>/<split>/<class>/<image> (CIFAR's too), class names sorted into labels
+        folder = _split_dir(root, split)
+        if folder is None:
+            raise _missing(name, f"no {' or '.join(SPLIT_DIRS[split])} folder in {root}")
+        classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+        if not classes:
+            raise _missing(name, f"no class folders in {folder}")
+        samples = [(path, label) for label, c in enumerate(classes) for path in _image_files(os.path.join(folder, c))]
+        if not samples:
+            raise _missing(name, f"no image files in the class folders of {folder}")
+        dataset = ImageFiles(samples, classes)
     if fraction == 1.0:
         return dataset
     targets, rng, picked = np.asarray(dataset.targets), np.random.default_rng(seed), []
@@ -218,9 +196,8 @@ BICUBIC = v2.InterpolationMode.BICUBIC
 
 
 def pretrain_transform(img_size, crop_min_scale=0.08, strong=False):
-    """Random resized crop and flip, uint8 in and out; strong=True adds the small datasets' colour jitter,
-    grayscale, blur (23 px at 224) and solarize. The paper crops ADE20k "at most 25%": we read crops
-    covering at least 25% (crop_min_scale=0.25)."""
+    """Random resized crop and flip, uint8 in and out; strong=True adds the small datasets' colour jitter, grayscale,
+    blur (23 px at 224) and solarize. The paper crops ADE20k "at most 25%": we read it as crop_min_scale=0.25."""
     steps = [v2.RandomResizedCrop(img_size, (crop_min_scale, 1.0), interpolation=BICUBIC, antialias=True),
              v2.RandomHorizontalFlip()]
     if strong:  # probabilities as in BYOL and DINO
@@ -253,7 +230,6 @@ def normalize(images, undo=False):
 
 
 # ----------------------------------------------------------------------------- masks and loaders
-
 class Augmented(torch.utils.data.Dataset):
     """(image, label), transformed under a seed made of (seed, epoch, i) alone: the same whatever the workers,
     processes or where a resumed run restarted. set_epoch reaches persistent workers' copies (shared memory)."""
@@ -301,11 +277,8 @@ class MaskedImages(Augmented):
 
     def __getitem__(self, i):
         image, label = super().__getitem__(i)
-        rng = np.random.default_rng(self.sample_seed(i))
-        if self.method == "splitmask":
-            mask = split_patches(self.grid, self.mask_ratio, rng, self.mask_kind, self.min_block)
-        else:
-            mask = np.flatnonzero(beit_mask(self.grid, self.mask_ratio, rng, self.mask_kind, self.min_block))
+        args = (self.grid, self.mask_ratio, np.random.default_rng(self.sample_seed(i)), self.mask_kind, self.min_block)
+        mask = split_patches(*args) if self.method == "splitmask" else np.flatnonzero(beit_mask(*args))
         return image, torch.from_numpy(mask).long(), label
 
 
@@ -321,9 +294,7 @@ class Sampler(torch.utils.data.DistributedSampler):
 
 
 def leave_stop_signals_to_main(worker_id):
-    """Ctrl-C, and a scheduler's SIGTERM or SIGUSR1, reach every process of the job: the main process saves and
-    exits, so its loader workers must not die of them (they still end with the main process: PyTorch's
-    workers leave when their parent does)."""
+    """Ctrl-C, SIGTERM, SIGUSR1 reach every process: the main one saves and exits; workers ignore them and follow it."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -331,9 +302,8 @@ def leave_stop_signals_to_main(worker_id):
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0):
     """A DataLoader whose order is a function of (seed, epoch) (call set_epoch before every epoch), sharded
     across processes under torch.distributed (in evaluation, a few samples repeat to even the shards)."""
-    distributed = dist.is_available() and dist.is_initialized()
-    sampler = Sampler(dataset, dist.get_world_size() if distributed else 1, dist.get_rank() if distributed else 0,
-                      shuffle=train, seed=seed, drop_last=train)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    sampler = Sampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(
         dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
         drop_last=train, persistent_workers=workers > 0, worker_init_fn=leave_stop_signals_to_main,

@@ -91,8 +91,7 @@ def evaluate(model, loader, device, autocast):
     counts = torch.zeros(3, device=device)
     with torch.no_grad(), autocast:
         for images, labels in loader:
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
+            logits, labels = model(images.to(device)), labels.to(device)
             hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
     if dist.is_initialized():
@@ -114,12 +113,7 @@ def main():
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
     # data
-    args = (cfg["data_root"], cfg["img_size"], cfg["fraction"], cfg["seed"])
-    try:
-        train_images = data.build_dataset(cfg["dataset"], args[0], "train", *args[1:], cfg["num_images"])
-        val_images = data.build_dataset(cfg["dataset"], args[0], "val", *args[1:])
-    except FileNotFoundError as e:
-        common.fail(e)
+    train_images, val_images = common.dataset(cfg, "train"), common.dataset(cfg, "val")
     num_classes = len(train_images.classes)
     if num_classes < 2:
         common.fail(f"--dataset={cfg['dataset']} has no class labels; fine-tuning needs a labelled dataset")
@@ -133,7 +127,7 @@ def main():
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         common.fail(f"{len(train_images)} images give no full batch of {cfg['batch_size']}: lower --batch_size")
-    total_steps = cfg["epochs"] * steps_per_epoch
+    total_steps, warmup_steps = cfg["epochs"] * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch
 
     # model: the pre-trained encoder (decoder and heads dropped) under a new classification head
     model = Classifier(ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], cfg["drop_path"]), num_classes)
@@ -154,9 +148,6 @@ def main():
                   f"{common.plural(cfg['epochs'], 'epoch')} of {steps_per_epoch} steps")
     common.log(cfg, {"config": cfg, "world": world})
 
-    def checkpoint(**extra):  # a collective: every process's RNG state goes in
-        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best, **extra)
-
     # the loop
     bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
     stop.training = True
@@ -166,9 +157,7 @@ def main():
         train_model.train()
         loss_sum, count, tick = torch.zeros((), device=device), 0, time.perf_counter()
         for images, labels in loader:
-            lr = common.lr_at(step, total_steps, cfg["warmup_epochs"] * steps_per_epoch, peak_lr, cfg["min_lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]  # layer-wise lr decay
+            lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])  # layer-wise decay
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             images, targets = mix(images, labels) if mix else (images, F.one_hot(labels, num_classes).float())
             targets = targets * (1 - cfg["label_smoothing"]) + cfg["label_smoothing"] / num_classes
@@ -188,11 +177,10 @@ def main():
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['img_s']:.0f}")
             common.log(cfg, row)
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
-                checkpoint()
+                common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best)  # a collective
                 stop.exit(ckpt_path, step)
         # end of epoch: loss and unreadable images of every process, validation, checkpoints
-        totals = torch.stack([loss_sum, torch.tensor(float(count), device=device),
-                              torch.tensor(float(train_set.unreadable), device=device)])
+        totals = torch.cat([loss_sum.view(1), torch.tensor([float(count), float(train_set.unreadable)], device=device)])
         if world > 1:
             dist.all_reduce(totals)
         train_loss, unreadable = (totals[0] / totals[1]).item(), int(totals[2])
@@ -208,7 +196,7 @@ def main():
             common.save(os.path.join(cfg["out_dir"], "best.pt"), dict(model=model.state_dict(), config=cfg, top1=top1,
                                                                       epoch=epoch + 1))
         best = max(best, top1)
-        checkpoint(top1=top1)
+        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best, top1=top1)
         if stopping:
             stop.exit(ckpt_path, step)
     bar.close()

@@ -10,8 +10,7 @@ import math
 import numpy as np
 
 
-def _allowed_cells(grid, num_masked, allowed):
-    """The flat bool array of cells that may be masked (all of them by default)."""
+def _allowed_cells(grid, num_masked, allowed):  # the flat bool array of cells that may be masked (default: all)
     allowed = np.ones(grid[0] * grid[1], dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     assert allowed.shape == (grid[0] * grid[1],) and 0 <= num_masked <= allowed.sum(), \
         f"cannot mask {num_masked} cells: {allowed.sum()} are allowed"
@@ -26,16 +25,14 @@ def block_mask(grid, num_masked, rng, min_block=16, max_block=75, min_aspect=0.3
     if num_masked == allowed.sum():  # every allowed cell is needed: nothing left to choose
         return allowed.copy()
     can_mask = allowed.reshape(h, w)
-    mask = np.zeros((h, w), dtype=bool)
+    mask, count = np.zeros((h, w), dtype=bool), 0
     log_aspect = math.log(min_aspect), -math.log(min_aspect)
-    count = 0
     while count < num_masked:
         need = num_masked - count
         largest = min(max_block, need, h * w)
         smallest = min(min_block, largest)  # a 7x7 grid or an almost met budget has no room for 16
         for _ in range(attempts):
-            area = rng.uniform(smallest, largest)
-            aspect = math.exp(rng.uniform(*log_aspect))
+            area, aspect = rng.uniform(smallest, largest), math.exp(rng.uniform(*log_aspect))
             block_h = min(max(round(math.sqrt(area * aspect)), 1), h)
             block_w = min(max(round(math.sqrt(area / aspect)), 1), w)
             top, left = rng.integers(h - block_h + 1), rng.integers(w - block_w + 1)

@@ -233,9 +233,8 @@ def param_groups(model, weight_decay, layer_decay=1.0):
             layer = 0
         elif name.startswith("encoder.blocks."):
             layer = int(name.split(".")[2]) + 1
-        group = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                      "lr_scale": layer_decay ** (depth + 1 - layer)})
-        group["params"].append(p)
+        groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                              "lr_scale": layer_decay ** (depth + 1 - layer)})["params"].append(p)
     return list(groups.values())
 
 

@@ -104,9 +104,8 @@ def chosen_presets(cfg):
 # -----------------------------------------------------------------------------
 
 def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad, token_dtype):
-    """One optimizer step over the micro-batches (gradient accumulation). Returns a tensor of
-    [loss, mim_loss, nce_loss, mim_acc, grad_norm] summed over micro-batches, left on the device:
-    reading it is a host sync, which the loop does only when it logs."""
+    """One optimizer step over the micro-batches (gradient accumulation). Returns [loss, mim_loss, nce_loss, mim_acc,
+    grad_norm] summed over micro-batches, left on the device: reading it is a host sync, done only at log steps."""
     stats = 0
     for i, (images, masks) in enumerate(micro_batches):
         with torch.no_grad():
@@ -118,8 +117,7 @@ def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_s
         scaler.scale(out["loss"] / len(micro_batches)).backward()
         stats = stats + torch.stack([out["loss"], out["mim_loss"], out["nce_loss"], out["mim_acc"]]).detach().float()
     scaler.unscale_(optimizer)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     scaler.step(optimizer)  # float16: skipped on every process at once when a gradient overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -128,9 +126,8 @@ def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_s
 
 
 def save_picture(path, model, images, masks, vocab, patch_size):
-    """Rows: the images, what branch A sees, what B sees, A's inpainting of B, B's of A, with each predicted
-    word drawn as its vocabulary patch; patches neither branch saw (75% masking) stay grey.
-    BEiT: the images, the visible patches, the inpainting."""
+    """Rows: the images, what branch A sees, what B sees, A's inpainting of B, B's of A; predicted words drawn as
+    their vocabulary patches, grey where neither branch saw (75% masking). BEiT: images, visible patches, inpainting."""
     from torchvision.utils import save_image
     with torch.no_grad():
         tokens = tokenizers.tokenize(images, vocab, patch_size)
@@ -156,9 +153,8 @@ def save_picture(path, model, images, masks, vocab, patch_size):
         if "pred_ids" in out:  # none when the inpainting head is off (split + match)
             rows += [inpainted(a, b, out["pred_ids"][:B]), inpainted(b, a, out["pred_ids"][B:])]
     else:  # BEiT: masked [B, m]
-        visible = torch.ones(B, n, dtype=torch.bool, device=images.device).scatter_(1, masks, False)
-        rows += [only(visible.nonzero()[:, 1].view(B, -1))[0]]
-        rows += [inpainted(visible.nonzero()[:, 1].view(B, -1), masks, out["pred_ids"])]
+        seen = torch.ones(B, n, dtype=torch.bool, device=images.device).scatter_(1, masks, False).nonzero()[:, 1]
+        rows += [only(seen.view(B, -1))[0], inpainted(seen.view(B, -1), masks, out["pred_ids"])]
     picture = torch.cat([data.normalize(r.float().cpu(), undo=True) for r in rows])
     zoom = max(1, 128 // images.shape[-1])  # small images are enlarged so that the patches show
     save_image(picture.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3), path, nrow=B, padding=2)
@@ -194,11 +190,7 @@ def main():
 
     # data: images, their augmentation and masks, drawn per image in the loader workers
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], cfg["drop_path"], cfg["layer_scale"])
-    try:
-        images = data.build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["img_size"], cfg["fraction"],
-                                    cfg["seed"], cfg["num_images"])
-    except FileNotFoundError as e:
-        common.fail(e)
+    images = common.dataset(cfg, "train")
     transform = data.pretrain_transform(cfg["img_size"], cfg["crop_min_scale"], cfg["strong_aug"])
     train_set = data.MaskedImages(images, transform, encoder.grid, cfg["method"], cfg["mask_ratio"],
                                   cfg["mask_kind"], cfg["min_block"], seed=cfg["seed"])
@@ -206,7 +198,7 @@ def main():
     steps_per_epoch = len(loader) // cfg["accum_steps"]
     if steps_per_epoch == 0:
         common.fail(f"{len(images)} images give no full batch of {cfg['batch_size']}: lower --batch_size")
-    total_steps = cfg["epochs"] * steps_per_epoch
+    total_steps, warmup_steps = cfg["epochs"] * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch
     common.print0(f"{cfg['method']} ViT-{cfg['model']}/{cfg['patch_size']} at {cfg['img_size']} px on {world} x "
                   f"{device.type} ({cfg['dtype']}): {len(images)} images, {common.plural(cfg['epochs'], 'epoch')} "
                   f"of {steps_per_epoch} steps, global batch {cfg['batch_size']}")
@@ -214,19 +206,17 @@ def main():
     # model and optimizer; the run's checkpoint if it has one, else a new vocabulary
     if cfg["method"] == "splitmask":
         model = SplitMask(encoder, cfg["vocab_size"], cfg["decoder_depth"], cfg["mim_weight"], cfg["nce_weight"],
-                          cfg["temperature"])
+                          cfg["temperature"]).to(device)
     else:
-        model = BEiT(encoder, cfg["vocab_size"])
-    model.to(device)
+        model = BEiT(encoder, cfg["vocab_size"]).to(device)
     peak_lr = cfg["blr"] * cfg["batch_size"] / 2048
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=peak_lr, betas=(0.9, cfg["beta2"]),
                                   fused=device.type == "cuda")
     state = common.resume(ckpt_path, cfg, model, optimizer, scaler)
-    step = state["step"] if state else 0
     if state:
-        vocab = state["vocab"].to(device)
+        step, vocab = state["step"], state["vocab"].to(device)
     else:  # rank 0 samples patches from its shard of the data; the others receive its vocabulary
-        vocab = torch.empty(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, device=device)
+        step, vocab = 0, torch.empty(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, device=device)
         if common.MASTER or cfg["tokenizer"] == "random_projection":
             vocab = tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"], loader,
                                            cfg["tokenizer_samples"], device=device, prepare=data.normalize).to(device)
@@ -240,9 +230,6 @@ def main():
     peak_flops = common.matmul_flops(device, cfg["dtype"]) if common.MASTER else 1.0  # the MFU's denominator
     common.log(cfg, {"config": cfg, "world": world, "params": sum(p.numel() for p in model.parameters())})
 
-    def checkpoint():  # a collective: every process's RNG state goes in
-        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
-
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     token_dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
     bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
@@ -254,9 +241,7 @@ def main():
         train_model.train()
         sums, count, tick, batches = 0, 0, time.perf_counter(), iter(loader)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
-            lr = common.lr_at(step, total_steps, cfg["warmup_epochs"] * steps_per_epoch, peak_lr, cfg["min_lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
+            lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
             # uint8 images from the loader, normalised here on the device: a quarter of the host traffic
             micro_batches = [(data.normalize(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
                              for images, masks, _ in (next(batches) for _ in range(cfg["accum_steps"]))]
@@ -284,13 +269,13 @@ def main():
             common.log(cfg, row)
             sums, count, tick = 0, 0, time.perf_counter()
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
-                checkpoint()
+                common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())  # a collective
                 stop.exit(ckpt_path, step)
         epoch += 1
         if unreadable:
             common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch - 1}")
         if epoch % cfg["save_every"] == 0 or step == total_steps or stopping:
-            checkpoint()
+            common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
         if epoch * cfg["pictures"] // cfg["epochs"] > (epoch - 1) * cfg["pictures"] // cfg["epochs"]:
             model.eval()  # a few pictures per run, spread over the schedule
             pictures.append(os.path.join(cfg["out_dir"], f"inpaint_{epoch:05d}.png"))

@@ -69,8 +69,7 @@ def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, s
     N, L, D = train_x.shape
     g = torch.Generator().manual_seed(seed)
     norm = torch.nn.BatchNorm1d(L * D, affine=False)  # per layer and channel, like MAE's probe
-    weight = torch.nn.Parameter(torch.zeros(L, D, num_classes))
-    bias = torch.nn.Parameter(torch.zeros(L, num_classes))
+    weight, bias = torch.nn.Parameter(torch.zeros(L, D, num_classes)), torch.nn.Parameter(torch.zeros(L, num_classes))
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * ((N + batch_size - 1) // batch_size))
 
@@ -82,8 +81,7 @@ def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, s
         for idx in torch.randperm(N, generator=g).split(batch_size):
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
-            out = logits(train_x[idx])
-            loss = F.cross_entropy(out.flatten(0, 1), train_y[idx].repeat_interleave(L))
+            loss = F.cross_entropy(logits(train_x[idx]).flatten(0, 1), train_y[idx].repeat_interleave(L))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -128,11 +126,7 @@ def main():
         feats = {"key": key}
         transform = data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
         for split in ("train", "val"):
-            try:
-                images = data.build_dataset(cfg["dataset"], cfg["data_root"], split, cfg["img_size"], cfg["fraction"],
-                                            cfg["seed"], cfg["num_images"] if split == "train" else None)
-            except FileNotFoundError as e:
-                common.fail(e)
+            images = common.dataset(cfg, split)
             with autocast:
                 feats[split] = extract_features(encoder, data.Augmented(images, transform), cfg["batch_size"],
                                                 cfg["workers"], device)

@@ -92,17 +92,14 @@ def render(token_ids, vocab, grid, patch_size):
     return half.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
-def _images_of(batch):
-    if isinstance(batch, dict):
-        return batch["image"]
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _images_of(batch):  # a batch is images, (images, labels, ...) or {"image": images, ...}
+    return batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def sample_patches(loader, patch_size, num_patches, seed, prepare=lambda images: images):
     """Exactly num_patches random tokenizer patches [num_patches, dim] from a loader of images. Each image gives
-    ceil(num_patches / images per pass) distinct patches, so one pass spreads the sample over every image (under
-    DDP, rank 0 reads its shard once while the others wait); the loader restarts if one pass is not enough.
-    The seed fixes which patches are drawn; shuffling and augmentation are the loader's own."""
+    ceil(num_patches / images per pass) distinct patches, so one pass spreads the sample over every image; the loader
+    restarts if one pass is not enough. The seed fixes which patches are drawn; the loader shuffles and augments."""
     sampler = getattr(loader, "sampler", None)  # one pass of the loader: under DDP, this process's shard
     per_image = math.ceil(num_patches / len(sampler)) if hasattr(sampler, "__len__") else None
     g = torch.Generator().manual_seed(seed)
