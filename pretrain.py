@@ -233,7 +233,7 @@ def main():
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     token_dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
     bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
-    pictures, picture_batch = [], None
+    picture_batch = None
     stop.training = True
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -278,14 +278,15 @@ def main():
             common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
         if epoch * cfg["pictures"] // cfg["epochs"] > (epoch - 1) * cfg["pictures"] // cfg["epochs"]:
             model.eval()  # a few pictures per run, spread over the schedule
-            pictures.append(os.path.join(cfg["out_dir"], f"inpaint_{epoch:05d}.png"))
+            picture = os.path.join(cfg["out_dir"], f"inpaint_{epoch:05d}.png") if common.MASTER else None
             with autocast:
-                save_picture(pictures[-1] if common.MASTER else None, model, *picture_batch, vocab, cfg["patch_size"])
+                save_picture(picture, model, *picture_batch, vocab, cfg["patch_size"])
         if stopping:
             stop.exit(ckpt_path, step)
     bar.close()
+    drawn = min(cfg["pictures"], cfg["epochs"])  # by the schedule: before a resume too
     common.print0(f"done: checkpoint {ckpt_path}, log {cfg['out_dir']}/log.jsonl"
-                  + (f", {common.plural(len(pictures), 'picture')} {cfg['out_dir']}/inpaint_*.png" if pictures else "")
+                  + (f", {common.plural(drawn, 'picture')} {cfg['out_dir']}/inpaint_*.png" if drawn else "")
                   + f"\nnext: python probe.py --init={ckpt_path}")
     if world > 1:
         dist.destroy_process_group()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_pretrain import ENV, ROOT, TINY, free_port, log_rows, run, wait_for_step, weights
+from test_pretrain import ENV, ROOT, TINY, free_port, log_rows, run, run_in_process, wait_for_step, weights
 
 
 def write_images(folder, count, seed=0):
@@ -84,7 +84,7 @@ def test_finetune_stops_on_too_many_unreadable_images(tmp_path):
     ("flat", "imagefolder", "no train folder in"),
     ("train_flat", "imagefolder", "no class folders in"),
 ])
-def test_bad_dataset_folders_name_the_expected_layout(tmp_path, layout, dataset, message):
+def test_bad_dataset_folders_name_the_expected_layout(monkeypatch, capsys, tmp_path, layout, dataset, message):
     root = tmp_path / "data"
     if layout == "empty":
         root.mkdir()
@@ -92,9 +92,9 @@ def test_bad_dataset_folders_name_the_expected_layout(tmp_path, layout, dataset,
         write_images(root, 2)
     elif layout == "train_flat":
         write_images(root / "train", 2)
-    result = run("pretrain.py", f"--dataset={dataset}", f"--data_root={root}", *TINY[1:], f"--out_dir={tmp_path / 'run'}",
-                 check=False)
-    assert result.returncode != 0 and message in result.stderr and "Expected" in result.stderr, result.stderr
+    code, _, err = run_in_process(monkeypatch, capsys, __import__("pretrain").main, f"--dataset={dataset}",
+                                  f"--data_root={root}", *TINY[1:], f"--out_dir={tmp_path / 'run'}")
+    assert code != 0 and message in err and "Expected" in err, err
 
 
 class Evil:
@@ -103,7 +103,7 @@ class Evil:
 
 
 @pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "probe.py"])
-def test_checkpoints_that_are_not_ours_are_refused(tmp_path, script):
+def test_checkpoints_that_are_not_ours_are_refused(monkeypatch, capsys, tmp_path, script):
     marker = tmp_path / "code_ran"
     evil = Evil()
     evil.marker = marker
@@ -117,12 +117,13 @@ def test_checkpoints_that_are_not_ours_are_refused(tmp_path, script):
             out = tmp_path / f"run_{name}"
             out.mkdir()
             (out / "ckpt.pt").write_bytes((tmp_path / name).read_bytes())
-            result = run(script, *TINY, f"--out_dir={out}", check=False)
+            flags = [*TINY, f"--out_dir={out}"]
         else:
-            result = run(script, "--num_images=16", "--img_size=16", "--patch_size=4", "--workers=0",
-                         f"--init={tmp_path / name}", f"--out_dir={tmp_path / 'out'}", check=False)
-        assert result.returncode != 0, (name, result.stdout[-500:])
-        assert "cannot read checkpoint" in result.stderr or "is not a splitmask checkpoint" in result.stderr, result.stderr
+            flags = ["--num_images=16", "--img_size=16", "--patch_size=4", "--workers=0", f"--init={tmp_path / name}",
+                     f"--out_dir={tmp_path / 'out'}"]
+        code, out, err = run_in_process(monkeypatch, capsys, __import__(script[:-3]).main, *flags)
+        assert code != 0, (name, out[-500:])
+        assert "cannot read checkpoint" in err or "is not a splitmask checkpoint" in err, err
     assert not marker.exists()  # weights_only=True: the pickled os.system never ran
 
 

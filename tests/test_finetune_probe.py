@@ -13,7 +13,7 @@ import data
 from finetune import mixing
 from model import Classifier, ViT, param_groups
 from probe import extract_features, knn_accuracy, train_linear_probes
-from test_pretrain import ENV, ROOT, TINY, assert_same_weights, run, torchrun, wait_for_step, weights
+from test_pretrain import ENV, ROOT, TINY, assert_same_weights, run, run_in_process, torchrun, wait_for_step, weights
 
 SMALL_DATA = ["--num_images=64", "--img_size=16", "--patch_size=4", "--batch_size=16", "--workers=0", "--dtype=float32"]
 
@@ -70,9 +70,11 @@ def test_finetune_preempted_mid_epoch_resumes_bit_exact(pretrained, tmp_path):
     assert result.returncode != 0 and "'label_smoothing'" in result.stderr and "--override_config=True" in result.stderr
 
 
-def test_finetune_refuses_a_checkpoint_of_another_model(pretrained, tmp_path):
-    result = run("finetune.py", *SMALL_DATA, "--model=small", f"--init={pretrained}", f"--out_dir={tmp_path}", check=False)
-    assert result.returncode != 0 and "does not fit" in result.stderr and "--model" in result.stderr
+def test_finetune_refuses_a_checkpoint_of_another_model(monkeypatch, capsys, pretrained, tmp_path):
+    import finetune
+    code, _, err = run_in_process(monkeypatch, capsys, finetune.main, *SMALL_DATA, "--model=small",
+                                  f"--init={pretrained}", f"--out_dir={tmp_path}")
+    assert code != 0 and "does not fit" in err and "--model" in err
 
 
 def test_layer_decay_table():

@@ -179,10 +179,14 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 def run_in_process(monkeypatch, capsys, script_main, *flags):
-    """A stage script's main() here, for the paths that exit early: (exit code, stdout, stderr)."""
+    """A script's main() here, for the paths that exit early (no interpreter start-up, which is most of
+    such a run): (exit code, stdout, stderr). The stop-signal handlers a script installs are put back."""
     monkeypatch.setattr(sys, "argv", ["script.py", *flags])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(SystemExit) as exit_:
         script_main()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     out, err = capsys.readouterr()
     code = exit_.value.code
     return (1, out, err + code) if isinstance(code, str) else (code, out, err)
