@@ -127,11 +127,13 @@ def test_checkpoints_that_are_not_ours_are_refused(monkeypatch, capsys, tmp_path
     assert not marker.exists()  # weights_only=True: the pickled os.system never ran
 
 
-def test_resuming_with_other_settings_is_refused_unless_asked(tmp_path):
+def test_resuming_with_other_settings_is_refused_unless_asked(monkeypatch, capsys, tmp_path):
+    import pretrain
     run("pretrain.py", *TINY, "--epochs=1", f"--out_dir={tmp_path}")
-    result = run("pretrain.py", *TINY, "--epochs=1", "--blr=0.1", "--mask_kind=random", f"--out_dir={tmp_path}", check=False)
-    assert result.returncode != 0
-    assert "'blr'" in result.stderr and "'mask_kind'" in result.stderr and "--override_config=True" in result.stderr
+    code, _, err = run_in_process(monkeypatch, capsys, pretrain.main, *TINY, "--epochs=1", "--blr=0.1",
+                                  "--mask_kind=random", f"--out_dir={tmp_path}")
+    assert code != 0
+    assert "'blr'" in err and "'mask_kind'" in err and "--override_config=True" in err
     result = run("pretrain.py", *TINY, "--epochs=2", "--blr=0.1", "--override_config=True", f"--out_dir={tmp_path}")
     assert "resuming" in result.stdout and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 8
 

@@ -57,10 +57,13 @@ def test_a_checkpoint_that_cannot_fit_names_what_it_holds(monkeypatch, capsys, p
     assert "drop those flags" in err  # (a traceback would fail this test)
 
 
-def test_a_timm_file_is_sent_to_the_converter_and_the_converted_file_is_self_describing(pretrained, tmp_path):
+def test_a_timm_file_is_sent_to_the_converter_and_the_converted_file_is_self_describing(monkeypatch, capsys,
+                                                                                        pretrained, tmp_path):
+    import probe
     run("export.py", f"--ckpt={pretrained}", f"--out={tmp_path / 'timm.pth'}")
-    result = run("probe.py", f"--init={tmp_path / 'timm.pth'}", "--workers=0", f"--out_dir={tmp_path}", check=False)
-    assert result.returncode == 1 and "python export.py" in result.stderr and "--to=ours" in result.stderr
+    code, _, err = run_in_process(monkeypatch, capsys, probe.main, f"--init={tmp_path / 'timm.pth'}", "--workers=0",
+                                  f"--out_dir={tmp_path}")
+    assert code == 1 and "python export.py" in err and "--to=ours" in err
     run("export.py", f"--ckpt={tmp_path / 'timm.pth'}", f"--out={tmp_path / 'ours.pt'}", "--to=ours")
     config = torch.load(tmp_path / "ours.pt", weights_only=True)["config"]
     assert (config["model"], config["img_size"], config["patch_size"]) == ("tiny", 16, 4)
