@@ -183,10 +183,12 @@ def run_in_process(monkeypatch, capsys, script_main, *flags):
     such a run): (exit code, stdout, stderr). The stop-signal handlers a script installs are put back."""
     monkeypatch.setattr(sys, "argv", ["script.py", *flags])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    with pytest.raises(SystemExit) as exit_:
-        script_main()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            script_main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     out, err = capsys.readouterr()
     code = exit_.value.code
     return (1, out, err + code) if isinstance(code, str) else (code, out, err)
