@@ -192,9 +192,11 @@ def matmul_flops(device, dtype):
 
 def set_lr(optimizer, step, total_steps, warmup_steps, peak, floor):
     """Linear warm-up, then cosine decay to floor, times each param group's lr_scale (layer decay). Returns it."""
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    cosine = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-    lr = peak * (step + 1) / warmup_steps if step < warmup_steps else cosine
+    if step < warmup_steps:
+        lr = peak * (step + 1) / warmup_steps
+    else:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        lr = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     return lr

@@ -148,6 +148,9 @@ def main():
                   f"{common.plural(cfg['epochs'], 'epoch')} of {steps_per_epoch} steps")
     common.log(cfg, {"config": cfg, "world": world})
 
+    def checkpoint(**extra):  # a collective: every process's RNG state goes in
+        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best, **extra)
+
     # the loop
     bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
     stop.training = True
@@ -177,7 +180,7 @@ def main():
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['img_s']:.0f}")
             common.log(cfg, row)
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
-                common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best)  # a collective
+                checkpoint()
                 stop.exit(ckpt_path, step)
         # end of epoch: loss and unreadable images of every process, validation, checkpoints
         totals = torch.cat([loss_sum.view(1), torch.tensor([float(count), float(train_set.unreadable)], device=device)])
@@ -196,7 +199,7 @@ def main():
             common.save(os.path.join(cfg["out_dir"], "best.pt"), dict(model=model.state_dict(), config=cfg, top1=top1,
                                                                       epoch=epoch + 1))
         best = max(best, top1)
-        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best, top1=top1)
+        checkpoint(top1=top1)
         if stopping:
             stop.exit(ckpt_path, step)
     bar.close()

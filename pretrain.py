@@ -230,6 +230,9 @@ def main():
     peak_flops = common.matmul_flops(device, cfg["dtype"]) if common.MASTER else 1.0  # the MFU's denominator
     common.log(cfg, {"config": cfg, "world": world, "params": sum(p.numel() for p in model.parameters())})
 
+    def checkpoint():  # a collective: every process's RNG state goes in
+        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
+
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     token_dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
     bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
@@ -269,13 +272,13 @@ def main():
             common.log(cfg, row)
             sums, count, tick = 0, 0, time.perf_counter()
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
-                common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())  # a collective
+                checkpoint()
                 stop.exit(ckpt_path, step)
         epoch += 1
         if unreadable:
             common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch - 1}")
         if epoch % cfg["save_every"] == 0 or step == total_steps or stopping:
-            common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
+            checkpoint()
         if epoch * cfg["pictures"] // cfg["epochs"] > (epoch - 1) * cfg["pictures"] // cfg["epochs"]:
             model.eval()  # a few pictures per run, spread over the schedule
             picture = os.path.join(cfg["out_dir"], f"inpaint_{epoch:05d}.png") if common.MASTER else None

@@ -69,7 +69,8 @@ def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, s
     N, L, D = train_x.shape
     g = torch.Generator().manual_seed(seed)
     norm = torch.nn.BatchNorm1d(L * D, affine=False)  # per layer and channel, like MAE's probe
-    weight, bias = torch.nn.Parameter(torch.zeros(L, D, num_classes)), torch.nn.Parameter(torch.zeros(L, num_classes))
+    weight = torch.nn.Parameter(torch.zeros(L, D, num_classes))
+    bias = torch.nn.Parameter(torch.zeros(L, num_classes))
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * ((N + batch_size - 1) // batch_size))
 

@@ -93,7 +93,9 @@ def render(token_ids, vocab, grid, patch_size):
 
 
 def _images_of(batch):  # a batch is images, (images, labels, ...) or {"image": images, ...}
-    return batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(batch, dict):
+        return batch["image"]
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def sample_patches(loader, patch_size, num_patches, seed, prepare=lambda images: images):
