@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: test pretrain bench gpu-check row clean
+.PHONY: test test-a test-b pretrain bench gpu-check row clean
 
 # The virtual environment is (re)built only when requirements.txt changes.
 $(VENV)/installed: requirements.txt
@@ -12,9 +12,16 @@ $(VENV)/installed: requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-# pytest exits 5 when it collects no tests, so an empty suite fails here too.
+# The suite in two halves side by side: most tests wait on a one-thread training subprocess, so a single
+# pytest leaves a core idle. pytest exits 5 when it collects no tests, so an empty half fails here too.
+TESTS_A = tests/test_pretrain.py tests/test_finetune_probe.py
 test: $(VENV)/installed
-	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-a test-b
+test-a test-b: export OMP_NUM_THREADS = 1
+test-a: $(VENV)/installed
+	$(PY) -m pytest -q $(TESTS_A)
+test-b: $(VENV)/installed  # every other test file, new ones included
+	$(PY) -m pytest -q tests $(TESTS_A:%=--ignore=%)
 
 pretrain: $(VENV)/installed
 	$(PY) pretrain.py
