@@ -64,6 +64,11 @@ def cpu_workers():
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
+def out_dir_beside(cfg, suffix):
+    """--out_dir, by default beside the --init checkpoint and named after it: runs of different checkpoints never mix."""
+    return cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + suffix
+
+
 def dataset(cfg, split):
     """data.build_dataset with the run's flags (--num_images: training only); a missing dataset stops the run."""
     import data  # here, not at the top: export.py and report.py need no torchvision

@@ -50,7 +50,7 @@ config = dict(
     erase_prob=0.25,  # random erasing probability
     crop_ratio=0.875,  # test: resize to img_size / crop_ratio, then take the centre crop
     # system
-    out_dir="out/finetune",  # checkpoint, best.pt and log; a relaunch resumes from here
+    out_dir="",  # checkpoint, best.pt and log; "": <checkpoint>_finetune/ beside it, or out/random_init_finetune/
     device="auto",  # auto (a GPU if there is one) | cpu | cuda
     dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
     compile=False,  # torch.compile the model
@@ -108,6 +108,7 @@ def main():
                         f"--batch_size={cfg['batch_size']} must be divisible by the {world} processes")])
     device, autocast, scaler = common.setup(cfg)
     stop = common.StopSignals()
+    cfg["out_dir"] = common.out_dir_beside(cfg, "_finetune")  # a relaunch resumes from here
     torch.manual_seed(cfg["seed"] + common.RANK)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")

@@ -108,8 +108,7 @@ def main():
     pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
     common.check(cfg)
     device, autocast, _ = common.setup(cfg)
-    # by default beside the checkpoint, named after it, so that probes of different checkpoints never mix
-    out_dir = cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + "_probe"
+    out_dir = common.out_dir_beside(cfg, "_probe")
     torch.manual_seed(cfg["seed"])
     os.makedirs(out_dir, exist_ok=True)
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"])  # random init unless --init

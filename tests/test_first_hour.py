@@ -36,9 +36,9 @@ def test_probe_and_finetune_take_the_architecture_from_the_checkpoint(pretrained
     assert (results["config"]["img_size"], results["config"]["patch_size"]) == (16, 4)
     assert "resized" not in result.stdout and f"done: {pretrained[:-3]}_probe/results.json" in result.stdout
     result = run("finetune.py", f"--init={pretrained}", "--num_images=32", "--batch_size=16", "--epochs=1",
-                 "--workers=0", f"--out_dir={tmp_path / 'finetune'}")
-    assert f"in {tmp_path}/finetune/best.pt" in result.stdout  # where its results are
-    config = json.loads(open(tmp_path / "finetune" / "log.jsonl").readline())["config"]
+                 "--workers=0")
+    assert f"in {pretrained[:-3]}_finetune/best.pt" in result.stdout  # beside its checkpoint, like the probe's
+    config = json.loads(open(pretrained.replace(".pt", "_finetune/log.jsonl")).readline())["config"]
     assert (config["model"], config["img_size"], config["patch_size"]) == ("tiny", 16, 4)
 
 
