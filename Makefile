@@ -15,13 +15,13 @@ $(VENV)/installed: requirements.txt
 # The suite in two halves side by side: most tests wait on a one-thread training subprocess, so a single
 # pytest leaves a core idle. pytest exits 5 when it collects no tests, so an empty half fails here too.
 TESTS_A = tests/test_pretrain.py tests/test_finetune_probe.py
+# (--output-sync prints each half whole; make 3.81, macOS's, lacks it and interleaves them.)
 test: $(VENV)/installed
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-a test-b
-test-a test-b: export OMP_NUM_THREADS = 1
+	$(MAKE) --no-print-directory -j2 $(if $(filter output-sync,$(.FEATURES)),--output-sync=target) test-a test-b
 test-a: $(VENV)/installed
-	$(PY) -m pytest -q $(TESTS_A)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TESTS_A)
 test-b: $(VENV)/installed  # every other test file, new ones included
-	$(PY) -m pytest -q tests $(TESTS_A:%=--ignore=%)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(TESTS_A:%=--ignore=%)
 
 pretrain: $(VENV)/installed
 	$(PY) pretrain.py
