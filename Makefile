@@ -15,14 +15,15 @@ $(VENV)/installed: requirements.txt
 # The suite in two halves side by side: most tests wait on a one-thread training subprocess, so a single
 # pytest leaves a core idle. pytest exits 5 when it collects no tests, so an empty half fails here too.
 TESTS_A = tests/test_pretrain.py tests/test_finetune_probe.py
-# (--output-sync prints each half whole; make 3.81, macOS's, lacks it and interleaves them.)
+# (--output-sync prints each half whole; make 3.81, macOS's, lacks it and interleaves them. No pytest cache:
+# the halves would overwrite each other's list of failed tests.)
 test: $(VENV)/installed
 	@echo "the tests, in two halves side by side (about 9 minutes on 2 cores); each half prints its results when it ends"
 	$(MAKE) --no-print-directory -j2 $(if $(filter output-sync,$(.FEATURES)),--output-sync=target) test-a test-b
 test-a: $(VENV)/installed
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(TESTS_A)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(TESTS_A)
 test-b: $(VENV)/installed  # every other test file, new ones included
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(TESTS_A:%=--ignore=%)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests $(TESTS_A:%=--ignore=%)
 
 pretrain: $(VENV)/installed
 	$(PY) pretrain.py

@@ -40,11 +40,16 @@ def fail(message):
 def check(cfg, rules=()):
     """Validate settings at the command-line boundary: the first broken (ok, message) rule stops the run.
     The rules every stage shares come first, then the script's own."""
-    shared = [(cfg["img_size"] > 0 and cfg["img_size"] % cfg["patch_size"] == 0,
-               f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}")]
+    for key in ("img_size", "patch_size", "batch_size", "epochs", "log_every", "save_every", "probe_epochs", "knn_k"):
+        if key in cfg and cfg[key] <= 0:
+            fail(f"--{key}={cfg[key]} must be positive")
+    shared = [(cfg["img_size"] % cfg["patch_size"] == 0,
+               f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}"),
+              (0 < cfg["fraction"] <= 1, f"--fraction={cfg['fraction']} must be in (0, 1]"),
+              (0 < cfg.get("crop_ratio", 1) <= 1, f"--crop_ratio={cfg.get('crop_ratio')} must be in (0, 1]"),
+              (cfg["workers"] >= 0, f"--workers={cfg['workers']} must be 0 or more")]
     if "epochs" in cfg:  # a training run
-        shared += [(min(cfg["batch_size"], cfg["epochs"]) > 0, "--batch_size and --epochs must be positive"),
-                   (0 <= cfg["warmup_epochs"] <= cfg["epochs"], f"--warmup_epochs={cfg['warmup_epochs']} is more than "
+        shared += [(0 <= cfg["warmup_epochs"] <= cfg["epochs"], f"--warmup_epochs={cfg['warmup_epochs']} is more than "
                     f"--epochs={cfg['epochs']}: the learning rate would never reach its peak; pass a smaller one")]
     for ok, message in [*shared, *rules]:
         if not ok:
@@ -64,9 +69,19 @@ def cpu_workers():
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
+def make_out_dir(path):
+    """Create the run's folder; one that cannot be created stops the run, naming it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot create the output folder {path} ({e.strerror}); pass --out_dir=<a folder you can write to>")
+    return path
+
+
 def out_dir_beside(cfg, suffix):
-    """--out_dir, by default beside the --init checkpoint and named after it: runs of different checkpoints never mix."""
-    return cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + suffix
+    """--out_dir, created; by default beside the --init checkpoint and named after it, so runs never mix."""
+    beside = (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + suffix
+    return make_out_dir(cfg["out_dir"] or beside)
 
 
 def dataset(cfg, split):
@@ -221,6 +236,8 @@ def save(path, state):
 
 def load(path):
     """torch.load(weights_only=True): tensors and plain values only, so a file cannot run code."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint file at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -239,6 +256,7 @@ def encoder_weights(cfg, given, path):
     unless given as flags. Returns its weights; refuses a model it cannot fill, naming both."""
     saved = load(path)
     cfg.update({key: saved["config"][key] for key in ("model", "img_size", "patch_size") if key not in given})
+    cfg["init_modified"] = time.ctime(os.path.getmtime(path))  # a resume refuses a checkpoint rewritten since
     model, patch, size = (saved["config"][key] for key in ("model", "patch_size", "img_size"))
     if (cfg["model"], cfg["patch_size"]) != (model, patch):
         fail(f"--init={path} does not fit --model={cfg['model']} --patch_size={cfg['patch_size']}: it holds a "

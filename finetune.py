@@ -110,7 +110,6 @@ def main():
     stop = common.StopSignals()
     cfg["out_dir"] = common.out_dir_beside(cfg, "_finetune")  # a relaunch resumes from here
     torch.manual_seed(cfg["seed"] + common.RANK)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
     # data
@@ -178,6 +177,7 @@ def main():
                 continue
             row = dict(step=step, epoch=epoch, lr=lr, loss=loss_sum.item() / count,  # a log step: a host sync
                        img_s=count * cfg["batch_size"] / (time.perf_counter() - tick))
+            common.check_health(cfg, step, [row["loss"]], scaler, 0, len(train_images), epoch)  # before any save
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['img_s']:.0f}")
             common.log(cfg, row)
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first

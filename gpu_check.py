@@ -83,8 +83,13 @@ def main():
         print("gpu_check: no CUDA device here, so nothing to check (python gpu_check.py --device=cpu --tiny=True "
               "runs the same steps on this CPU)")
         return
-    shutil.rmtree(cfg["out_dir"], ignore_errors=True)  # every check from scratch
-    os.makedirs(cfg["out_dir"])
+    out, marker = cfg["out_dir"], os.path.join(cfg["out_dir"], "gpu_check.started")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(marker):  # never wipe a folder not ours
+        common.fail(f"--out_dir={out} holds files gpu_check.py did not write, and every check starts from an empty "
+                    "folder: give it a new one")
+    shutil.rmtree(out, ignore_errors=True)  # every check from scratch
+    os.makedirs(out)
+    open(marker, "w").close()
     gpus = torch.cuda.device_count() if cfg["device"] != "cpu" else 2  # 2 CPU processes: gloo instead of NCCL
     if cfg["tiny"]:
         model_sizes = ["--model=tiny", "--img_size=32", "--patch_size=4", "--batch_size=4", "--vocab_size=64",

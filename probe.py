@@ -110,7 +110,6 @@ def main():
     device, autocast, _ = common.setup(cfg)
     out_dir = common.out_dir_beside(cfg, "_probe")
     torch.manual_seed(cfg["seed"])
-    os.makedirs(out_dir, exist_ok=True)
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"])  # random init unless --init
     if pretrained is not None:
         load_encoder(encoder, pretrained)
@@ -118,9 +117,8 @@ def main():
 
     # features, cached: the probes below cost little more than this one pass
     cache = os.path.join(out_dir, "features.pt")
-    key = {k: cfg[k] for k in ("init", "dataset", "data_root", "fraction", "num_images", "model", "img_size",
-                               "patch_size", "crop_ratio", "seed", "dtype")}
-    key["init_mtime"] = os.path.getmtime(cfg["init"]) if cfg["init"] else 0
+    key = {k: cfg.get(k) for k in ("init", "init_modified", "dataset", "data_root", "fraction", "num_images", "model",
+                                   "img_size", "patch_size", "crop_ratio", "seed", "dtype")}
     feats = torch.load(cache, weights_only=True) if os.path.exists(cache) else {}
     if feats.get("key") != key:
         feats = {"key": key}

@@ -2,6 +2,7 @@
 own --help, recipes, stopping without loss, the errors a user meets, and outputs a user can find."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,29 @@ def test_probe_and_finetune_take_the_architecture_from_the_checkpoint(pretrained
     assert f"in {pretrained[:-3]}_finetune/best.pt" in result.stdout  # beside its checkpoint, like the probe's
     config = json.loads(open(pretrained.replace(".pt", "_finetune/log.jsonl")).readline())["config"]
     assert (config["model"], config["img_size"], config["patch_size"]) == ("tiny", 16, 4)
+
+
+def test_fine_tuning_a_rewritten_checkpoint_does_not_resume_the_old_fine_tuning(monkeypatch, capsys, pretrained,
+                                                                                tmp_path):
+    import finetune
+    init = tmp_path / "ckpt.pt"
+    shutil.copy(pretrained, init)
+    flags = [f"--init={init}", "--num_images=32", "--batch_size=16", "--epochs=1", "--workers=0"]
+    run("finetune.py", *flags)
+    os.utime(init, (time.time() + 60, time.time() + 60))  # pre-training went on and saved again
+    code, _, err = run_in_process(monkeypatch, capsys, finetune.main, *flags)
+    assert code == 1 and "'init_modified'" in err and "--override_config=True" in err, err
+
+
+def test_a_missing_checkpoint_or_an_output_folder_that_cannot_be_made_is_said(monkeypatch, capsys, pretrained,
+                                                                               tmp_path):
+    import probe
+    code, _, err = run_in_process(monkeypatch, capsys, probe.main, f"--init={tmp_path / 'missing.pt'}")
+    assert code == 1 and f"no checkpoint file at {tmp_path / 'missing.pt'}" in err, err
+    shutil.copy(pretrained, tmp_path / "ckpt.pt")
+    (tmp_path / "ckpt_probe").write_text("a file where the probe's folder would go")
+    code, _, err = run_in_process(monkeypatch, capsys, probe.main, f"--init={tmp_path / 'ckpt.pt'}", "--workers=0")
+    assert code == 1 and f"cannot create the output folder {tmp_path}/ckpt_probe" in err and "--out_dir" in err, err
 
 
 def test_an_explicit_size_wins_and_says_what_it_changes(pretrained, tmp_path):
@@ -111,6 +135,15 @@ def test_real_datasets_start_from_the_quick_recipe_and_the_paper_is_one_flag_awa
     assert "--epochs=3000" not in capsys.readouterr().out  # a flag overrides the preset, and is not shown as its
     assert resolved("--dataset=cifar10", "--data_root=x")["fraction"] == 0.2  # about 10,000 images
     assert resolved("--method=beit")["mask_ratio"] == 0.4
+
+
+def test_fine_tuning_checks_its_loss_at_every_log_step(monkeypatch, capsys, tmp_path):
+    """A stop signal saves at the next step, so a non-finite loss must be caught there, not at the epoch's end."""
+    import finetune
+    code, _, err = run_in_process(monkeypatch, capsys, finetune.main, "--label_smoothing=nan", "--num_images=32",
+                                  "--img_size=16", "--batch_size=16", "--epochs=1", "--log_every=1", "--workers=0",
+                                  "--dtype=float32", f"--out_dir={tmp_path}")
+    assert code == 1 and "non-finite loss at step 1 " in err and not (tmp_path / "ckpt.pt").exists(), err
 
 
 def test_warm_up_longer_than_the_run_is_refused(monkeypatch, capsys, tmp_path):

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from test_pretrain import run
+from test_pretrain import run, run_in_process
 
 
 def test_gpu_check_runs_every_step_on_a_cpu(tmp_path):
@@ -15,6 +15,13 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     assert rows["torchrun pretrain.py: kill and resume"][0] == "ok", rows["torchrun pretrain.py: kill and resume"]
     assert "2 processes, killed after step" in rows["torchrun pretrain.py: kill and resume"][1]
     assert rows["probe.py on its checkpoint"][0] == rows["finetune.py on its checkpoint"][0] == "ok", rows
+
+
+def test_it_never_wipes_a_folder_it_did_not_write(monkeypatch, capsys, tmp_path):
+    import gpu_check
+    (tmp_path / "results.json").write_text("a user's file")
+    code, _, err = run_in_process(monkeypatch, capsys, gpu_check.main, "--device=cpu", f"--out_dir={tmp_path}")
+    assert code == 1 and "did not write" in err and (tmp_path / "results.json").exists(), err
 
 
 def test_without_cuda_it_says_so_and_exits_0():

@@ -239,6 +239,10 @@ def test_help_lists_every_flag(monkeypatch, capsys):
     (["--model=huge"], "--model='huge'"),
     (["--dtype=float8"], "--dtype='float8'"),
     (["--compile=maybe"], "is not a valid bool"),
+    (["--patch_size=0"], "--patch_size=0 must be positive"),  # not a division by zero
+    (["--log_every=0"], "--log_every=0 must be positive"),
+    (["--fraction=0"], "--fraction=0.0 must be in (0, 1]"),
+    (["--workers=-1"], "--workers=-1 must be 0 or more"),
 ])
 def test_bad_flags_fail_with_a_message(tmp_path, monkeypatch, capsys, flags, message):
     import pretrain
