@@ -18,7 +18,7 @@ TESTS_A = tests/test_pretrain.py tests/test_finetune_probe.py
 # (--output-sync prints each half whole; make 3.81, macOS's, lacks it and interleaves them. No pytest cache:
 # the halves would overwrite each other's list of failed tests.)
 test: $(VENV)/installed
-	@echo "the tests, in two halves side by side (about 9 minutes on 2 cores); each half prints its results when it ends"
+	@echo "the tests, in two halves side by side (9-10 minutes on 2 cores); each half prints its results when it ends"
 	$(MAKE) --no-print-directory -j2 $(if $(filter output-sync,$(.FEATURES)),--output-sync=target) test-a test-b
 test-a: $(VENV)/installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(TESTS_A)
