@@ -69,19 +69,15 @@ def cpu_workers():
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
-def make_out_dir(path):
-    """Create the run's folder; one that cannot be created stops the run, naming it."""
+def make_out_dir(cfg, suffix=""):
+    """Create --out_dir and return it; "" (probe, fine-tuning) is beside the --init checkpoint, named after it
+    and suffix, so that runs of different checkpoints never mix. A folder that cannot be made stops the run."""
+    path = cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + suffix
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the output folder {path} ({e.strerror}); pass --out_dir=<a folder you can write to>")
     return path
-
-
-def out_dir_beside(cfg, suffix):
-    """--out_dir, created; by default beside the --init checkpoint and named after it, so runs never mix."""
-    beside = (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + suffix
-    return make_out_dir(cfg["out_dir"] or beside)
 
 
 def dataset(cfg, split):
@@ -187,9 +183,8 @@ def log(cfg, row):
 
 
 def keep_freed_memory():
-    """CPU training: glibc hands every freed block over 32 MiB back to the kernel, so each step's big
-    activations come back as fresh pages, zeroed one page fault at a time. Keep them in the heap, as
-    PyTorch's caching allocator does on GPUs (the README's speed section says what this buys)."""
+    """CPU training: glibc gives freed blocks over 32 MiB back to the kernel, so each step's big activations
+    come back as fresh pages, one fault at a time; keep them in the heap, as PyTorch's GPU allocator does."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to do
@@ -286,6 +281,13 @@ def resume(path, cfg, model, optimizer, scaler):
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
+    if MASTER and os.path.exists(log_path):  # rows logged after the checkpoint will come again: drop them
+        with open(log_path) as f:
+            rows = [row for row in f if json.loads(row).get("step", 0) <= state["step"]]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(log_path + ".tmp", log_path)  # atomic, as checkpoints
     print0(f"resuming from {path} at step {state['step']}")
     return state
 

@@ -108,7 +108,7 @@ def main():
                         f"--batch_size={cfg['batch_size']} must be divisible by the {world} processes")])
     device, autocast, scaler = common.setup(cfg)
     stop = common.StopSignals()
-    cfg["out_dir"] = common.out_dir_beside(cfg, "_finetune")  # a relaunch resumes from here
+    cfg["out_dir"] = common.make_out_dir(cfg, "_finetune")  # a relaunch resumes from here
     torch.manual_seed(cfg["seed"] + common.RANK)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 

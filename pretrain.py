@@ -185,7 +185,7 @@ def main():
         common.print0(f"warning: accum_steps={cfg['accum_steps']}: InfoNCE negatives come from each micro-batch "
                       f"of {micro_batch * world} images, not from the global batch of {cfg['batch_size']}")
     torch.manual_seed(cfg["seed"] + common.RANK)  # drop path differs per process; data order comes from the sampler
-    common.make_out_dir(cfg["out_dir"])
+    common.make_out_dir(cfg)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
     # data: images, their augmentation and masks, drawn per image in the loader workers

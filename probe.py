@@ -108,7 +108,7 @@ def main():
     pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
     common.check(cfg)
     device, autocast, _ = common.setup(cfg)
-    out_dir = common.out_dir_beside(cfg, "_probe")
+    out_dir = common.make_out_dir(cfg, "_probe")
     torch.manual_seed(cfg["seed"])
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"])  # random init unless --init
     if pretrained is not None:

@@ -133,6 +133,7 @@ def test_sigkill_resumes_from_last_checkpoint_bit_exact(reference, tmp_path):
     resumed = run("pretrain.py", *TINY, f"--out_dir={out}")
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(out), weights(reference))
+    assert [r["step"] for r in log_rows(out)] == list(range(1, 9))  # the rows after step 4 are not there twice
 
 
 @pytest.mark.parametrize("flags", [
