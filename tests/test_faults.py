@@ -138,6 +138,15 @@ def test_resuming_with_other_settings_is_refused_unless_asked(monkeypatch, capsy
     assert "resuming" in result.stdout and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 8
 
 
+def test_a_new_run_drops_the_log_rows_of_an_attempt_that_saved_nothing(tmp_path):
+    """Killed in its first epoch (one row half written), a run starts again from step 0: so does its log."""
+    import common
+    (tmp_path / "log.jsonl").write_text('{"config": {}}\n{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    cfg = {"out_dir": str(tmp_path), "override_config": False}
+    assert common.resume(str(tmp_path / "ckpt.pt"), cfg, None, None, None) is None
+    assert (tmp_path / "log.jsonl").read_text() == '{"config": {}}\n'
+
+
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     run("pretrain.py", *TINY, "--epochs=1", f"--out_dir={tmp_path}")
     good = weights(str(tmp_path))

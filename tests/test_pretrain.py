@@ -130,6 +130,8 @@ def test_sigkill_resumes_from_last_checkpoint_bit_exact(reference, tmp_path):
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
     with open(os.path.join(out, "ckpt.pt.tmp"), "wb") as f:  # as if killed while writing the next one
         f.write(b"half a checkpoint")
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # or a log row
+        f.write('{"step": 7, "lo')
     resumed = run("pretrain.py", *TINY, f"--out_dir={out}")
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(out), weights(reference))
