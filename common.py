@@ -265,20 +265,21 @@ def encoder_weights(cfg, given, path):
 def resume(path, cfg, model, optimizer, scaler):
     """Continue the run in cfg["out_dir"] if it has a checkpoint: model, optimizer, scaler and this
     process's RNG streams. Refuses other settings, naming them. Returns the checkpoint, or None."""
-    state = load(path) if os.path.exists(path) else {"config": cfg, "step": 0}  # none: a new run, from step 0
+    state = load(path) if os.path.exists(path) else None
+    last_step = state["step"] if state else 0  # no checkpoint: a new run, from step 0
     changed = {k: (state["config"].get(k), v) for k, v in cfg.items()
-               if k not in FREE_TO_CHANGE and state["config"].get(k) != v}
+               if state and k not in FREE_TO_CHANGE and state["config"].get(k) != v}
     if changed and not cfg["override_config"]:
         fail(f"{path} was made with other settings (saved, now): {changed}. Use another --out_dir, or "
              "--override_config=True to resume with the new ones.")
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     if MASTER and os.path.exists(log_path):  # rows logged after the checkpoint come again (and a half-written one)
         with open(log_path) as f:
-            rows = [row for row in f if row.endswith("\n") and json.loads(row).get("step", 0) <= state["step"]]
+            rows = [row for row in f if row.endswith("\n") and json.loads(row).get("step", 0) <= last_step]
         with open(log_path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(log_path + ".tmp", log_path)  # atomic, as checkpoints
-    if "model" not in state:
+    if state is None:
         return None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
