@@ -268,7 +268,7 @@ def resume(path, cfg, model, optimizer, scaler):
     state = load(path) if os.path.exists(path) else None
     last_step = state["step"] if state else 0  # no checkpoint: a new run, from step 0
     changed = {k: (state["config"].get(k), v) for k, v in cfg.items()
-               if state and k not in FREE_TO_CHANGE and state["config"].get(k) != v}
+               if k not in FREE_TO_CHANGE and state["config"].get(k) != v} if state else {}
     if changed and not cfg["override_config"]:
         fail(f"{path} was made with other settings (saved, now): {changed}. Use another --out_dir, or "
              "--override_config=True to resume with the new ones.")
