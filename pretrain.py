@@ -166,6 +166,7 @@ def main():
     cfg, _ = common.configure(config, __doc__, __file__, PRESETS, chosen_presets, choices)
     world, processes_x_accum = common.WORLD, common.WORLD * cfg["accum_steps"]
     common.check(cfg, [
+        (cfg["out_dir"] != "", "--out_dir must name a folder (a relaunch resumes from it)"),
         (cfg["patch_size"] % 2 == 0,
          f"--patch_size={cfg['patch_size']} must be even (words are patches of the half-size image)"),
         (cfg["accum_steps"] > 0 and cfg["batch_size"] % processes_x_accum == 0, f"--batch_size={cfg['batch_size']} "

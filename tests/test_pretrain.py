@@ -246,6 +246,7 @@ def test_help_lists_every_flag(monkeypatch, capsys):
     (["--log_every=0"], "--log_every=0 must be positive"),
     (["--fraction=0"], "--fraction=0.0 must be in (0, 1]"),
     (["--workers=-1"], "--workers=-1 must be 0 or more"),
+    (["--out_dir="], "--out_dir must name a folder"),  # not a KeyError: pre-training has no checkpoint to sit beside
 ])
 def test_bad_flags_fail_with_a_message(tmp_path, monkeypatch, capsys, flags, message):
     import pretrain
