@@ -49,8 +49,6 @@ config = dict(
     gpu_img_s=3000.0,  # the step rate the loader must feed without a GPU (ViT-B SplitMask, one H200, 45% MFU)
     out="out/bench.json",  # the rows as JSON
 )
-# Dense bf16 datasheet peaks (FLOP/s), for the GPU MFU against the vendor's number.
-DATASHEET = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 def sync(device):
@@ -93,8 +91,7 @@ def training_step(cfg, device, autocast, method, images, vocab):
     masks = random_masks(method, encoder.grid, cfg["batch_size"]).to(device)
     net = torch.compile(model) if cfg["compile"] else model
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    step = lambda: train_step(net, optimizer, scaler, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0,
-                              torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32)
+    step = lambda: train_step(net, optimizer, scaler, autocast, [(images, masks)], vocab, cfg["patch_size"], 3.0)
     return step, model.flops_per_image(0.5 if method == "splitmask" else 0.4)
 
 
@@ -230,22 +227,20 @@ def main():
     a = torch.randn(size, size, device=device).to(getattr(torch, dtype))
     images = torch.randn(B, 3, cfg["img_size"], cfg["img_size"], device=device)
     vocab = tokenizers.random_projection_vocab(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, seed=0).to(device)
-    token_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # as pretrain.py
     (splitmask, f_split), (beit, f_beit) = (training_step(cfg, device, autocast, method, images, vocab)
                                             for method in ("splitmask", "beit"))
     t = seconds_per_call(dict(matmul=lambda: a @ a, splitmask=splitmask, beit=beit,
-                              tokenize=lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"], token_dtype)),
+                              tokenize=lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"])),
                          device, cfg["warmup"], cfg["steps"])
     matmul, t_split, t_beit = 2 * size**3 / t["matmul"], t["splitmask"], t["beit"]
     row(f"dense matmul ({dtype})", f"{matmul / 1e12:.2f} TFLOP/s", "the MFU denominator, measured in the same rounds")
     row("SplitMask step", f"{B / t_split:.1f} img/s",
         f"{t_split * 1e3:.0f} ms/step; MFU {B * f_split / t_split / matmul:.1%} of the matmul")
-    for name, peak in DATASHEET.items():
-        if device.type == "cuda" and name in machine(device):
-            row("SplitMask MFU vs datasheet", f"{B * f_split / t_split / peak:.1%}",
-                f"{name} bf16 dense {peak / 1e12:.0f} TFLOP/s")
-            row("300 ImageNet epochs (1.28M img)", f"{300 * 1.281e6 / (B / t_split) / 3600:.1f} h",
-                "on this one device")
+    if device.type == "cuda":
+        peak, source = common.peak_flops(device, dtype)  # pretrain.py's MFU: a spec sheet where the GPU is known
+        row("SplitMask MFU as pretrain.py reports it", f"{B * f_split / t_split / peak:.1%}",
+            f"of {peak / 1e12:.0f} TFLOP/s: {source}")
+        row("300 ImageNet epochs (1.28M img)", f"{300 * 1.281e6 / (B / t_split) / 3600:.1f} h", "on this one device")
     if device.type == "cuda":
         row("peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", "the largest step above")
     row("BEiT step", f"{B / t_beit:.1f} img/s", f"MFU {B * f_beit / t_beit / matmul:.1%}")

@@ -1,9 +1,7 @@
-"""
-Plumbing shared by the stage scripts; nothing here is SplitMask.
-
-flags (--key=value, --help, presets), processes (device, torchrun, autocast, rank 0 prints, errors),
-checkpoints (atomic, weights_only, resume with every RNG stream), stopping (signals, health checks).
-"""
+"""Plumbing shared by the stage scripts, none of it SplitMask, importing no project module: flags (--key=value,
+--help, presets), processes (device, torchrun, autocast, rank 0 prints, errors), checkpoints (atomic, weights_only,
+resume with every RNG stream), stopping (signals, health checks)."""
+import atexit
 import ctypes
 import difflib
 import json
@@ -22,7 +20,7 @@ MASTER = RANK == 0
 CHOICES = dict(recipe=("quick", "paper"), device=("auto", "cpu", "cuda"),
                dtype=("auto", "bfloat16", "float16", "float32"))
 # Settings a run may change when it resumes; any other change needs --override_config=True.
-FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "pictures", "compile", "device",
+FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "pictures", "compile", "device", "dtype",
                   "max_unreadable", "override_config")
 
 
@@ -80,16 +78,6 @@ def make_out_dir(cfg, suffix=""):
     return path
 
 
-def dataset(cfg, split):
-    """data.build_dataset with the run's flags (--num_images: training only); a missing dataset stops the run."""
-    import data  # here, not at the top: export.py and report.py need no torchvision
-    try:
-        return data.build_dataset(cfg["dataset"], cfg["data_root"], split, cfg["img_size"], cfg["fraction"],
-                                  cfg["seed"], cfg["num_images"] if split == "train" else None)
-    except FileNotFoundError as e:
-        fail(e)
-
-
 # ----------------------------------------------------------------------------- flags
 
 def configure(config, doc, script, presets={}, chosen=lambda cfg: [], choices={}):
@@ -145,24 +133,37 @@ def print_help(config, doc, script, presets):
 # ----------------------------------------------------------------------------- processes
 
 def setup(cfg):
-    """Device, process group (under torchrun) and mixed precision. Returns (device, autocast, scaler).
-    --dtype=auto is bfloat16 on GPUs that support it and float32 elsewhere: the same numbers on every CPU."""
+    """Device, process group (under torchrun) and mixed precision. Returns (device, autocast, scaler)."""
     cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         fail("--device=cuda but PyTorch sees no CUDA GPU here: use --device=cpu, or a CUDA build of PyTorch")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    else:
+    else:  # hide the GPUs: torch.optim asks the GPU about graph capture at every step, starting CUDA on GPU 0
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
         keep_freed_memory()
+    # No TF32: --dtype=float32 means float32, and in bfloat16 runs the float32 parts (InfoNCE's similarities,
+    # k-means, the words) stay exact; the model's matmuls run in bfloat16 under autocast either way.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if WORLD > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(dist.destroy_process_group)  # however it ends: no process waits on a gone one till timeout
     if cfg["dtype"] == "auto":
-        cfg["dtype"] = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+        cfg["dtype"] = auto_dtype(device)
+        if cuda:
+            print0(f"--dtype=auto: {cfg['dtype']} on {torch.cuda.get_device_name(device)}")
     autocast = torch.autocast(device.type, getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["dtype"] == "float16")  # a no-op unless float16
     return device, autocast, scaler
+
+
+def auto_dtype(device):
+    """--dtype=auto: bfloat16 on GPUs that have it natively (compute capability 8.0 and up: A100, H100, RTX 30xx),
+    float16 with loss scaling on older ones (V100, T4 would emulate bfloat16, slowly), float32 on a CPU."""
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
 
 
 def wrap(model, cfg, device, **ddp_options):
@@ -193,28 +194,29 @@ def keep_freed_memory():
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB free at the top of the heap
 
 
-def matmul_flops(device, dtype):
-    """FLOP/s of a dense matmul on this device, measured now (the fastest of a few): the MFU's denominator."""
+# Dense peak FLOP/s from the spec sheets, (bfloat16 or float16, float32 without TF32); the first name in the
+# GPU's name wins. MFU divides by the one for the run's dtype.
+PEAK_FLOPS = {"H100 NVL": (835e12, 60e12), "H100 PCIe": (756e12, 51e12), "H100": (989e12, 67e12),
+              "H200": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12), "4090": (165e12, 82.6e12)}
+
+
+def peak_flops(device, dtype):
+    """The MFU's denominator and what it is: a known GPU's spec sheet, else a dense matmul timed now."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    for gpu, (half, single) in PEAK_FLOPS.items():
+        if gpu in name:
+            return (single if dtype == "float32" else half), f"{gpu} spec sheet, {dtype}"
     size = 4096 if device.type == "cuda" else 1024 if dtype == "float32" else 256  # CPUs may emulate 16 bits
-    a = torch.randn(size, size, device=device, generator=torch.Generator(device))  # not the training RNG stream
-    a, seconds = a.to(getattr(torch, dtype)), []
-    for _ in range(4):
+    a = torch.randn(size, size, device=device, generator=torch.Generator(device)).to(getattr(torch, dtype))
+    sync, seconds = torch.cuda.synchronize if device.type == "cuda" else lambda: None, []
+    for _ in range(4):  # the fastest of a few, timed around the matmul alone
+        sync()
         start = time.perf_counter()
-        (a @ a).sum().item()  # .item() waits for the GPU
+        a @ a
+        sync()
         seconds.append(time.perf_counter() - start)
-    return 2 * size**3 / min(seconds)
-
-
-def set_lr(optimizer, step, total_steps, warmup_steps, peak, floor):
-    """Linear warm-up, then cosine decay to floor, times each param group's lr_scale (layer decay). Returns it."""
-    if step < warmup_steps:
-        lr = peak * (step + 1) / warmup_steps
-    else:
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        lr = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-    return lr
+    where = f"this GPU ({name}: no spec sheet here)" if device.type == "cuda" else "this CPU"
+    return 2 * size**3 / min(seconds), f"a {dtype} matmul measured on {where}"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -282,12 +284,14 @@ def resume(path, cfg, model, optimizer, scaler):
     if state is None:
         return None
     model.load_state_dict(state["model"])
+    for saved, group in zip(state["optimizer"]["param_groups"], optimizer.param_groups):
+        saved.update(fused=group["fused"], foreach=group["foreach"])  # this device's kernels, not the saver's
     optimizer.load_state_dict(state["optimizer"])
-    if state["scaler"]:  # empty unless the run trained in float16
+    if state["scaler"] and scaler.is_enabled():  # empty unless the run trained in float16 (--dtype may change)
         scaler.load_state_dict(state["scaler"])
     rng = state["rng"][RANK % len(state["rng"])]
     torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
+    if "cuda" in rng and torch.cuda.is_initialized():  # a run on the CPU never starts CUDA
         torch.cuda.set_rng_state(rng["cuda"])
     print0(f"resuming from {path} at step {state['step']}")
     return state
@@ -295,7 +299,7 @@ def resume(path, cfg, model, optimizer, scaler):
 
 def save_run(path, cfg, model, optimizer, scaler, step, **extra):
     """A collective (every process's RNG state goes in); rank 0 writes the file."""
-    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {}  # a CPU run never starts CUDA
     rngs = [{"cpu": torch.get_rng_state(), **cuda}]
     if WORLD > 1:
         rngs, rng = [None] * WORLD, rngs[0]

@@ -3,6 +3,7 @@ augmentations (torchvision's, on uint8 tensors: 3-4x faster than on PIL images; 
 stay uint8 until `normalize` runs on the device), masks and loaders.
 """
 import colorsys
+import functools
 import os
 import signal
 import sys
@@ -14,7 +15,9 @@ from PIL import Image, ImageDraw
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
+import common
 from masking import beit_mask, split_patches
+from tokenizers import tokenizer_patches
 
 
 # ----------------------------------------------------------------------------- built-in scenes
@@ -189,6 +192,15 @@ def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_ima
     return subset
 
 
+def from_flags(cfg, split):
+    """build_dataset with a script's flags (--num_images: training only); a missing dataset stops the run."""
+    try:
+        return build_dataset(cfg["dataset"], cfg["data_root"], split, cfg["img_size"], cfg["fraction"], cfg["seed"],
+                             cfg["num_images"] if split == "train" else None)
+    except FileNotFoundError as e:
+        common.fail(e)
+
+
 # ----------------------------------------------------------------------------- augmentations
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, the usual normalisation for ViTs
 STD = (0.229, 0.224, 0.225)
@@ -225,8 +237,13 @@ def eval_transform(img_size, crop_ratio=0.875):
 def normalize(images, undo=False):
     """uint8 images [..., 3, H, W] -> what ToDtype(scale=True) + Normalize(MEAN, STD) give, on their device.
     undo=True: back to [0, 1] for display."""
-    mean, std = (torch.tensor(stat, device=images.device).view(3, 1, 1) for stat in (MEAN, STD))
+    mean, std = _statistics(images.device)
     return (images * std + mean).clamp(0, 1) if undo else (images.float() / 255 - mean) / std
+
+
+@functools.cache
+def _statistics(device):  # made once per device: a tensor made from Python numbers on a GPU is a copy that waits
+    return tuple(torch.tensor(stat, device=device).view(3, 1, 1) for stat in (MEAN, STD))
 
 
 # ----------------------------------------------------------------------------- masks and loaders
@@ -282,6 +299,27 @@ class MaskedImages(Augmented):
         return image, torch.from_numpy(mask).long(), label
 
 
+class PatchSample(Augmented):
+    """(k tokenizer patches of image i [k, dim], i): what the vocabulary is fitted on. Image i is augmented as in
+    the first epoch and its k patches drawn under the seed of (seed, i) alone: the same in any number of processes."""
+    def __init__(self, dataset, transform, patch_size, per_image, seed=0):
+        super().__init__(dataset, transform, seed)
+        self.patch_size, self.per_image = patch_size, per_image
+
+    def __getitem__(self, i):
+        image, _ = super().__getitem__(i)
+        patches = tokenizer_patches(normalize(image[None]), self.patch_size)[0]  # [n, dim], n grid cells
+        pick = np.random.default_rng(self.sample_seed(i)).permutation(len(patches))[:self.per_image]
+        return patches[torch.from_numpy(pick)], i
+
+
+def shard_loader(dataset, batch_size, workers):
+    """This process's share of dataset in order, every world-th item from its rank: no item read twice."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)), batch_size,
+                                       num_workers=workers, worker_init_fn=leave_stop_signals_to_main)
+
+
 class Sampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that can start an epoch part-way, for a run resumed mid-epoch."""
     skip = 0
@@ -299,13 +337,14 @@ def leave_stop_signals_to_main(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def make_loader(dataset, batch_size, train=True, workers=4, seed=0):
+def make_loader(dataset, batch_size, train=True, workers=4, seed=0, pin=False):
     """A DataLoader whose order is a function of (seed, epoch) (call set_epoch before every epoch), sharded
-    across processes under torch.distributed (in evaluation, a few samples repeat to even the shards)."""
+    across processes under torch.distributed (in evaluation, a few samples repeat to even the shards).
+    pin=True (for a GPU): batches in page-locked memory, so that copies to the GPU need not wait."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
     sampler = Sampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
         drop_last=train, persistent_workers=workers > 0, worker_init_fn=leave_stop_signals_to_main,
         generator=torch.Generator().manual_seed(seed))  # worker seeds: not drawn from the global RNG
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import common
 import data
-from model import VIT_SIZES, Classifier, ViT, load_encoder, param_groups
+from model import VIT_SIZES, Classifier, ViT, load_encoder, param_groups, set_lr
 
 # -----------------------------------------------------------------------------
 # The default run: the built-in scenes. Every line is a flag (--key=value); --help prints the comments.
@@ -86,14 +86,15 @@ def mixing(mixup, cutmix, num_classes):
 
 
 def evaluate(model, loader, device, autocast):
-    """Top-1 and top-5 accuracy (%), summed over every process."""
+    """Top-1 and top-5 accuracy (%), summed over every process; read from the GPU once, at the end."""
     model.eval()
-    counts = torch.zeros(3, device=device)
+    hits, count = torch.zeros(2, device=device), 0
     with torch.no_grad(), autocast:
         for images, labels in loader:
-            logits, labels = model(images.to(device)), labels.to(device)
-            hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-            counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(labels), device=device)])
+            logits, labels = model(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            hits, count = hits + torch.stack([top5[:, 0].sum(), top5.any(1).sum()]), count + len(labels)
+    counts = torch.cat([hits, torch.full((1,), float(count), device=device)])
     if dist.is_initialized():
         dist.all_reduce(counts)
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
@@ -113,7 +114,7 @@ def main():
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
     # data
-    train_images, val_images = common.dataset(cfg, "train"), common.dataset(cfg, "val")
+    train_images, val_images = data.from_flags(cfg, "train"), data.from_flags(cfg, "val")
     num_classes = len(train_images.classes)
     if num_classes < 2:
         common.fail(f"--dataset={cfg['dataset']} has no class labels; fine-tuning needs a labelled dataset")
@@ -121,8 +122,9 @@ def main():
     train_set = data.Augmented(train_images, augment, cfg["seed"])
     val_set = data.Augmented(val_images, data.eval_transform(cfg["img_size"], cfg["crop_ratio"]))
     loader = data.make_loader(train_set, cfg["batch_size"] // world, train=True, workers=cfg["workers"],
-                              seed=cfg["seed"])
-    val_loader = data.make_loader(val_set, cfg["batch_size"] // world, train=False, workers=cfg["workers"])
+                              seed=cfg["seed"], pin=device.type == "cuda")
+    val_loader = data.make_loader(val_set, cfg["batch_size"] // world, train=False, workers=cfg["workers"],
+                                  pin=device.type == "cuda")
     mix = mixing(cfg["mixup"], cfg["cutmix"], num_classes)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -160,7 +162,7 @@ def main():
         train_model.train()
         loss_sum, count, tick = torch.zeros((), device=device), 0, time.perf_counter()
         for images, labels in loader:
-            lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])  # layer-wise decay
+            lr = set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])  # layer-wise decay
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             images, targets = mix(images, labels) if mix else (images, F.one_hot(labels, num_classes).float())
             targets = targets * (1 - cfg["label_smoothing"]) + cfg["label_smoothing"] / num_classes
@@ -205,8 +207,6 @@ def main():
             stop.exit(ckpt_path, step)
     bar.close()
     common.print0(f"done: best val top-1 {best:.2f}% in {cfg['out_dir']}/best.pt (last: ckpt.pt, log: log.jsonl)")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -238,6 +238,18 @@ def param_groups(model, weight_decay, layer_decay=1.0):
     return list(groups.values())
 
 
+def set_lr(optimizer, step, total_steps, warmup_steps, peak, floor):
+    """Linear warm-up, then cosine decay to floor, times each param group's lr_scale (layer decay). Returns it."""
+    if step < warmup_steps:
+        lr = peak * (step + 1) / warmup_steps
+    else:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        lr = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
+
+
 # ------------------------------ InfoNCE
 def info_nce_reference(xa, xb, temperature=0.2):
     """The readable definition (one process): -log softmax_b(x_a.x_b / t) at the positive, averaged both ways."""

@@ -8,6 +8,7 @@ Pre-train a ViT with SplitMask (split, inpaint, match) or the BEiT baseline.
 Table 8 of the paper: --method=beit, --nce_weight=0 (split + inpaint), --mim_weight=0 (split + match).
 Relaunching the same command resumes from out_dir; Ctrl-C, SIGTERM and SIGUSR1 save and exit.
 """
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -20,7 +21,7 @@ from tqdm import tqdm
 import common
 import data
 import tokenizers
-from model import VIT_SIZES, BEiT, SplitMask, ViT, param_groups
+from model import VIT_SIZES, BEiT, SplitMask, ViT, param_groups, set_lr
 
 # -----------------------------------------------------------------------------
 # The default run: the built-in scenes. Every line is a flag (--key=value); --help prints the comments.
@@ -103,13 +104,13 @@ def chosen_presets(cfg):
 
 # -----------------------------------------------------------------------------
 
-def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad, token_dtype):
+def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad):
     """One optimizer step over the micro-batches (gradient accumulation). Returns [loss, mim_loss, nce_loss, mim_acc,
     grad_norm] summed over micro-batches, left on the device: reading it is a host sync, done only at log steps."""
     stats = 0
     for i, (images, masks) in enumerate(micro_batches):
         with torch.no_grad():
-            tokens = tokenizers.tokenize(images, vocab, patch_size, token_dtype)  # the targets, Eq. 1
+            tokens = tokenizers.tokenize(images, vocab, patch_size)  # the targets, Eq. 1, in float32
         # DDP averages gradients over processes in the backward of the last micro-batch only
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
         with autocast, (nullcontext() if sync else model.no_sync()):
@@ -191,11 +192,12 @@ def main():
 
     # data: images, their augmentation and masks, drawn per image in the loader workers
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], cfg["drop_path"], cfg["layer_scale"])
-    images = common.dataset(cfg, "train")
+    images = data.from_flags(cfg, "train")
     transform = data.pretrain_transform(cfg["img_size"], cfg["crop_min_scale"], cfg["strong_aug"])
     train_set = data.MaskedImages(images, transform, encoder.grid, cfg["method"], cfg["mask_ratio"],
                                   cfg["mask_kind"], cfg["min_block"], seed=cfg["seed"])
-    loader = data.make_loader(train_set, micro_batch, train=True, workers=cfg["workers"], seed=cfg["seed"])
+    loader = data.make_loader(train_set, micro_batch, train=True, workers=cfg["workers"], seed=cfg["seed"],
+                              pin=device.type == "cuda")
     steps_per_epoch = len(loader) // cfg["accum_steps"]
     if steps_per_epoch == 0:
         common.fail(f"{len(images)} images give no full batch of {cfg['batch_size']}: lower --batch_size")
@@ -216,26 +218,26 @@ def main():
     state = common.resume(ckpt_path, cfg, model, optimizer, scaler)
     if state:
         step, vocab = state["step"], state["vocab"].to(device)
-    else:  # rank 0 samples patches from its shard of the data; the others receive its vocabulary
-        step, vocab = 0, torch.empty(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, device=device)
-        if common.MASTER or cfg["tokenizer"] == "random_projection":
-            vocab = tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"], loader,
-                                           cfg["tokenizer_samples"], device=device, prepare=data.normalize).to(device)
-        if world > 1:
-            dist.broadcast(vocab, 0)
+    else:  # every process reads its share of the images, and all fit the same vocabulary (none waits on another)
+        per_image = min(encoder.num_patches, math.ceil(cfg["tokenizer_samples"] / len(images)))
+        patches = data.shard_loader(data.PatchSample(images, transform, cfg["patch_size"], per_image, cfg["seed"]),
+                                    micro_batch, cfg["workers"])
+        step, vocab = 0, tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"],
+                                                patches, len(images), cfg["tokenizer_samples"], device=device)
     if step >= total_steps:
         return common.print0(f"{ckpt_path} has finished its {total_steps} steps: nothing left to train (a longer "
                              "run: raise --epochs, with --override_config=True)")
     train_model = common.wrap(model, cfg, device, find_unused_parameters=cfg["mim_weight"] == 0)
     flops_per_image = model.flops_per_image(cfg["mask_ratio"])
-    peak_flops = common.matmul_flops(device, cfg["dtype"]) if common.MASTER else 1.0  # the MFU's denominator
-    common.log(cfg, {"config": cfg, "world": world, "params": sum(p.numel() for p in model.parameters())})
+    peak_flops, peak_source = common.peak_flops(device, cfg["dtype"]) if common.MASTER else (1.0, "")
+    common.print0(f"MFU: model FLOPs over {peak_flops / 1e12:.3g} TFLOP/s per process ({peak_source})")
+    common.log(cfg, {"config": cfg, "world": world, "params": sum(p.numel() for p in model.parameters()),
+                     "peak_flops": peak_flops, "peak_source": peak_source})
 
     def checkpoint():  # a collective: every process's RNG state goes in
         common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
 
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
-    token_dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
     bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
     picture_batch = None
     stop.training = True
@@ -245,14 +247,14 @@ def main():
         train_model.train()
         sums, count, tick, batches = 0, 0, time.perf_counter(), iter(loader)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
-            lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
+            lr = set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
             # uint8 images from the loader, normalised here on the device: a quarter of the host traffic
             micro_batches = [(data.normalize(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
                              for images, masks, _ in (next(batches) for _ in range(cfg["accum_steps"]))]
             if picture_batch is None:
                 picture_batch = [t[:8].clone() for t in micro_batches[0]]  # a copy: a view would keep the batch
             sums = sums + train_step(train_model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"],
-                                     cfg["clip_grad"], token_dtype)
+                                     cfg["clip_grad"])
             count, step = count + cfg["accum_steps"], step + 1
             bar.update(1)
             stopping = stop()  # asked after every step, so that a signal stops the run within one step
@@ -292,8 +294,6 @@ def main():
     common.print0(f"done: checkpoint {ckpt_path}, log {cfg['out_dir']}/log.jsonl"
                   + (f", {common.plural(drawn, 'picture')} {cfg['out_dir']}/inpaint_*.png" if drawn else "")
                   + f"\nnext: python probe.py --init={ckpt_path}")
-    if world > 1:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

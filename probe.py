@@ -3,16 +3,20 @@ Evaluate a frozen encoder: a linear probe on every block at once, and k-NN, on c
 
     python probe.py --init=out/pretrain/ckpt.pt       # a pre-training or fine-tuning checkpoint
     python probe.py                                   # random init: the baseline every result needs
+    torchrun --nproc_per_node=8 probe.py --dataset=imagenet --data_root=data/imagenet --init=...  # features on 8 GPUs
 
-One forward pass over the data (no augmentation) collects the mean-pooled tokens of every block;
-they are cached in out_dir, then a BatchNorm (no affine) + linear classifier is trained per block
-(as in MAE) and a cosine k-NN (k=20, temperature-weighted votes) is run per block. The paper's
+One forward pass over the data (no augmentation) collects the mean-pooled tokens of every block in float16,
+on the GPU when they fit (ViT-B on ImageNet: 25 GB), else in host memory (--blocks=12 probes one block: 1/12);
+they are cached in out_dir, then a BatchNorm (no affine) + linear classifier is trained per block (as in
+MAE) and a cosine k-NN (k=20, temperature-weighted votes) is run per block, on the device. The paper's
 Figure 5: SplitMask's late blocks stay good for probing where BEiT's drop.
 """
 import json
+import math
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -33,6 +37,7 @@ config = dict(
     img_size=32,  # crops, in pixels (with --init: the checkpoint's, unless given)
     patch_size=4,  # patch side, in pixels (with --init: the checkpoint's)
     crop_ratio=0.875,  # resize to img_size / crop_ratio, then take the centre crop
+    blocks="all",  # blocks to probe: all, or some such as 6,12 (their features take less memory)
     batch_size=256,  # for feature extraction and probe training
     probe_epochs=100,  # epochs of linear-probe training (on cached features: fast)
     probe_lr=1e-3,  # AdamW learning rate of the probes
@@ -53,33 +58,47 @@ PRESETS = {**{f"{name}/quick": dict(QUICK, fraction=data.QUICK_FRACTION[name], *
 
 
 @torch.no_grad()
-def extract_features(encoder, dataset, batch_size, workers, device):
-    """[N, L, D] mean-pooled tokens of every block (after the final norm) and [N] labels."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=workers)
-    features, labels = [], []
-    for images, y in tqdm(loader, desc="features", leave=False):
-        layers = encoder(images.to(device), all_layers=True)
-        features.append(torch.stack([h.mean(1) for h in layers], 1).float().cpu())
-        labels.append(y)
-    return torch.cat(features), torch.cat(labels)
+def extract_features(encoder, dataset, blocks, batch_size, workers, device, store):
+    """[N, len(blocks), D] float16 mean-pooled tokens of the given blocks (0-based; after the final norm), in memory
+    of `store` on rank 0 (None elsewhere). Under torchrun each process encodes every world-th image from its rank
+    (equal shares: the last images wrap around) and sends rank 0 each batch of features."""
+    world, rank, num_images = common.WORLD, common.RANK, len(dataset)
+    share = math.ceil(num_images / world)
+    mine = [(rank + world * j) % num_images for j in range(share)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    features = torch.empty(num_images, len(blocks), encoder.dim, dtype=torch.float16, device=store) if rank == 0 \
+        else None
+    for start, (images, _) in zip(range(0, share, batch_size), tqdm(loader, desc="features", disable=rank > 0)):
+        layers = encoder(images.to(device, non_blocking=True), all_layers=True)
+        batch = torch.stack([layers[b].float().mean(1) for b in blocks], 1).half()
+        parts = [torch.empty_like(batch) for _ in range(world)] if rank == 0 else None
+        if world > 1:
+            dist.gather(batch, parts, dst=0)
+        if rank == 0:  # the images process r encoded: r + world * j for the j of this batch
+            rows = (torch.arange(start, start + len(images)) * world + torch.arange(world)[:, None]) % num_images
+            batches = torch.stack(parts) if world > 1 else batch[None]  # [world, B, len(blocks), D]
+            features[rows.flatten().to(store)] = batches.flatten(0, 1).to(store)
+    return features
 
 
 def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, seed):
-    """One BatchNorm (no affine) + linear classifier per layer, trained together: [L, D, C] weights."""
+    """One BatchNorm (no affine) + linear classifier per layer, trained together on train_x's device. Returns
+    the function that predicts the class at every layer: [N, L, D] features -> [N, L] classes."""
     N, L, D = train_x.shape
-    g = torch.Generator().manual_seed(seed)
-    norm = torch.nn.BatchNorm1d(L * D, affine=False)  # per layer and channel, like MAE's probe
-    weight = torch.nn.Parameter(torch.zeros(L, D, num_classes))
-    bias = torch.nn.Parameter(torch.zeros(L, num_classes))
+    g, device = torch.Generator().manual_seed(seed), train_x.device
+    norm = torch.nn.BatchNorm1d(L * D, affine=False, device=device)  # per layer and channel, like MAE's probe
+    weight = torch.nn.Parameter(torch.zeros(L, D, num_classes, device=device))
+    bias = torch.nn.Parameter(torch.zeros(L, num_classes, device=device))
     optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * ((N + batch_size - 1) // batch_size))
 
-    def logits(x):  # [B, L, D] -> [B, L, C]
-        return torch.einsum("bld,ldc->blc", norm(x.flatten(1)).view(-1, L, D), weight) + bias
+    def logits(x):  # [B, L, D] features (float16 or 32) -> [B, L, C], in float32
+        return torch.einsum("bld,ldc->blc", norm(x.float().flatten(1)).view(-1, L, D), weight) + bias
 
     for _ in tqdm(range(epochs), desc="linear probes", leave=False):
         norm.train()
-        for idx in torch.randperm(N, generator=g).split(batch_size):
+        for idx in torch.randperm(N, generator=g).to(device).split(batch_size):
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
             loss = F.cross_entropy(logits(train_x[idx]).flatten(0, 1), train_y[idx].repeat_interleave(L))
@@ -88,25 +107,54 @@ def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, s
             optimizer.step()
             schedule.step()
     norm.eval()
-    return lambda x: logits(x).detach()
+    return lambda x: torch.cat([logits(chunk).argmax(-1) for chunk in x.split(4096)]).detach()
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07):
-    """Cosine k-NN with votes weighted by exp(similarity / t) (Wu et al. 2018, as in DINO). Returns %."""
-    train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
-    correct = 0
-    for start in range(0, len(test_x), 1024):
-        sim, idx = (test_x[start : start + 1024] @ train_x.T).topk(min(k, len(train_x)), dim=1)
-        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start : start + 1024]).sum().item()
-    return 100.0 * correct / len(test_x)
+    """Cosine k-NN with votes weighted by exp(similarity / t) (Wu et al. 2018, as in DINO), in float32 on
+    train_x's device. Returns %."""
+    train_x, test_x = F.normalize(train_x.float(), dim=-1), F.normalize(test_x.float(), dim=-1)
+    rows, correct = max(1, 2**28 // len(train_x)), 0  # queries at a time: at most 256M similarities (1 GiB)
+    for start in range(0, len(test_x), rows):
+        sim, idx = (test_x[start : start + rows] @ train_x.T).topk(min(k, len(train_x)), dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == test_y[start : start + rows]).sum()
+    return 100.0 * float(correct) / len(test_x)
+
+
+def probe_blocks(train, val, num_classes, cfg, device, at_once):
+    """Linear-probe and k-NN accuracy (%) of every block: at_once blocks' features on the device at a time."""
+    (train_x, train_y), (val_x, val_y) = train, val
+    train_y, val_y, linear, knn = train_y.to(device), val_y.to(device), [], []
+    for first in range(0, train_x.shape[1], at_once):  # slices: no copy where the features already are
+        train_group, val_group = (x[:, first : first + at_once].to(device) for x in (train_x, val_x))
+        probe = train_linear_probes(train_group, train_y, num_classes, cfg["probe_epochs"], cfg["probe_lr"],
+                                    cfg["batch_size"], cfg["seed"])
+        linear += ((probe(val_group) == val_y[:, None]).float().mean(0) * 100).tolist()
+        knn += [knn_accuracy(train_group[:, i], train_y, val_group[:, i], val_y, num_classes, cfg["knn_k"],
+                             cfg["knn_temperature"]) for i in range(train_group.shape[1])]
+    return linear, knn
+
+
+def host_memory():
+    """Bytes the host can still give (Linux's MemAvailable; elsewhere unknown: no limit)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return math.inf
 
 
 def main():
     cfg, given = common.configure(config, __doc__, __file__, PRESETS, lambda c: [f"{c['dataset']}/{c['recipe']}"],
                                   dict(dataset=data.DATASETS, model=VIT_SIZES))
     pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
-    common.check(cfg)
+    depth = VIT_SIZES[cfg["model"]][1]
+    numbers = cfg["blocks"].split(",")
+    common.check(cfg, [(cfg["blocks"] == "all" or all(b.isdigit() and 1 <= int(b) <= depth for b in numbers),
+                        f"--blocks={cfg['blocks']}: give all, or numbers from 1 to {depth} such as {depth // 2},{depth}")])
+    blocks = list(range(depth)) if cfg["blocks"] == "all" else [int(b) - 1 for b in numbers]
     device, autocast, _ = common.setup(cfg)
     out_dir = common.make_out_dir(cfg, "_probe")
     torch.manual_seed(cfg["seed"])
@@ -114,39 +162,52 @@ def main():
     if pretrained is not None:
         load_encoder(encoder, pretrained)
     encoder.to(device).eval()
+    images = {split: data.from_flags(cfg, split) for split in ("train", "val")}
+    if len(images["train"].classes) < 2:
+        common.fail(f"--dataset={cfg['dataset']} has no class labels; probing needs a labelled dataset")
+
+    # where the features go, said before the pass that makes them: float16 on the GPU if they fit in half its free
+    # memory (the probes then train there), else in host memory, whence the probes take a few blocks at a time
+    need = sum(map(len, images.values())) * len(blocks) * encoder.dim * 2
+    free = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else math.inf
+    store = device if need <= free else torch.device("cpu")
+    at_once = len(blocks) if store == device else int(free // (need / len(blocks)))  # on the device at a time
+    common.print0(f"features: {sum(map(len, images.values())):,} images x {common.plural(len(blocks), 'block')} x "
+                  f"{encoder.dim} in float16 = {need / 1e9:.3g} GB, in {'GPU' if store.type == 'cuda' else 'host'} memory; probes "
+                  f"train on the {device.type.upper()}, {common.plural(at_once, 'block')} at a time")
+    if at_once == 0 or (store.type == "cpu" and need > host_memory()):
+        common.fail(f"the features do not fit ({need / 1e9:.3g} GB, {host_memory() / 1e9:.3g} GB free on the host): "
+                    f"probe fewer blocks, e.g. --blocks={depth} (the last) or --blocks={depth // 2},{depth}")
 
     # features, cached: the probes below cost little more than this one pass
     cache = os.path.join(out_dir, "features.pt")
     key = {k: cfg.get(k) for k in ("init", "init_modified", "dataset", "data_root", "fraction", "num_images", "model",
-                                   "img_size", "patch_size", "crop_ratio", "seed", "dtype")}
-    feats = torch.load(cache, weights_only=True) if os.path.exists(cache) else {}
+                                   "img_size", "patch_size", "crop_ratio", "blocks", "seed", "dtype")}
+    feats = torch.load(cache, weights_only=True, mmap=True) if os.path.exists(cache) else {}  # (mmap: read lazily)
     if feats.get("key") != key:
-        feats = {"key": key}
-        transform = data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
-        for split in ("train", "val"):
-            images = common.dataset(cfg, split)
+        feats, transform = {"key": key}, data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
+        for split, dataset in images.items():
             with autocast:
-                feats[split] = extract_features(encoder, data.Augmented(images, transform), cfg["batch_size"],
-                                                cfg["workers"], device)
-            feats["classes"] = len(images.classes)
-        common.save(cache, feats)  # atomic: a probe killed while saving recomputes rather than crashes
-    (train_x, train_y), (val_x, val_y), C = feats["train"], feats["val"], feats["classes"]
-    if C < 2:
-        common.fail(f"--dataset={cfg['dataset']} has no class labels; probing needs a labelled dataset")
+                feats[split] = extract_features(encoder, data.Augmented(dataset, transform), blocks, cfg["batch_size"],
+                                                cfg["workers"], device, store)
+            feats[f"{split}_labels"] = torch.tensor(dataset.targets)
+        if common.MASTER:
+            common.save(cache, {k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()})  # atomic
+    if not common.MASTER:
+        return  # the probes run on rank 0 alone: no process waits on them
+    train, val = [(feats[split].to(store), feats[f"{split}_labels"]) for split in ("train", "val")]
 
     # probes per block
-    probe = train_linear_probes(train_x, train_y, C, cfg["probe_epochs"], cfg["probe_lr"], cfg["batch_size"],
-                                cfg["seed"])
-    linear = ((probe(val_x).argmax(-1) == val_y[:, None]).float().mean(0) * 100).tolist()
-    knn = [knn_accuracy(train_x[:, i], train_y, val_x[:, i], val_y, C, cfg["knn_k"], cfg["knn_temperature"])
-           for i in range(train_x.shape[1])]
-    print(f"{cfg['init'] or 'random init'} on {cfg['dataset']} ({len(train_y)} train / {len(val_y)} val images)")
+    linear, knn = probe_blocks(train, val, len(images["train"].classes), cfg, device, at_once)
+    print(f"{cfg['init'] or 'random init'} on {cfg['dataset']} ({len(train[1])} train / {len(val[1])} val images)")
     print("block  linear   k-NN")
-    for i, (lin, nn_) in enumerate(zip(linear, knn)):
-        print(f"{i + 1:5d}  {lin:6.2f}  {nn_:6.2f}")
+    for block, lin, nn_ in zip(blocks, linear, knn):
+        print(f"{block + 1:5d}  {lin:6.2f}  {nn_:6.2f}")
     best = max(range(len(linear)), key=linear.__getitem__)
-    print(f"best linear probe: block {best + 1}, {linear[best]:.2f}%; k-NN at the last block: {knn[-1]:.2f}%")
-    results = dict(config=cfg, linear=linear, knn=knn, best_linear=linear[best], best_layer=best + 1, knn_last=knn[-1])
+    print(f"best linear probe: block {blocks[best] + 1}, {linear[best]:.2f}%; k-NN at block {blocks[-1] + 1}: "
+          f"{knn[-1]:.2f}%")
+    results = dict(config=cfg, blocks=[b + 1 for b in blocks], linear=linear, knn=knn, best_linear=linear[best],
+                   best_layer=blocks[best] + 1, knn_last=knn[-1])
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"done: {out_dir}/results.json (accuracy by block; report.py tables and plots experiments)")

@@ -5,9 +5,8 @@ vocabularies needing no such training as good on iNat-19 (DALL-E 75.2; random pr
 75.3, k-means 75.0) and 26% faster. A vocabulary is V unit vectors e_i; the token of a patch x is argmax_i <x, e_i>
 (Eq. 1), x being 8x8x3 normalised pixels at half resolution (per 16x16 encoder patch): a token names a direction.
 """
-import math
-
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -49,17 +48,19 @@ def random_patches_vocab(patches, vocab_size, seed):
 def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
     """Spherical k-means on patches [N, dim] -> V unit centroids, on the patches' device. Eq. 1 compares by cosine,
     so each centroid moves to the normalised sum of its patches (that maximises their summed cosine). batch_size
-    patches at a time: memory is batch_size x V, not N x V (32 GB for 1M x 8192)."""
+    patches at a time: memory is batch_size x V, not N x V (32 GB for 1M x 8192). The same bits on every run and
+    every process: sums are matmuls, which add in a fixed order (index_add_ on a GPU adds with atomics, in any)."""
     units = _nonzero_unit_rows(patches)
     centroids = random_patches_vocab(patches, vocab_size, seed)  # init: the random-patches vocab
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(iters), desc="k-means", leave=False)
+    bar = tqdm(range(iters), desc="k-means", leave=False, disable=_rank() > 0)
     for _ in bar:
         sums, total_cos = torch.zeros_like(centroids), 0.0
         for chunk in units.split(batch_size):
             cosines = chunk @ centroids.T  # [batch_size, V]
-            sums.index_add_(0, cosines.argmax(dim=1), chunk)
-            total_cos = total_cos + cosines.amax(dim=1).sum()
+            best, nearest = cosines.max(dim=1)
+            total_cos = total_cos + best.sum()
+            sums += cosines.zero_().scatter_(1, nearest[:, None], 1.0).T @ chunk  # one-hot assignments^T @ patches
         bar.set_postfix(mean_cos=f"{total_cos.item() / len(units):.4f}")  # before this update
         empty = sums.norm(dim=1) < EPS  # a centroid no patch chose: re-seed it with a random patch
         reseed = torch.randint(len(units), (int(empty.sum()),), generator=g)
@@ -68,15 +69,16 @@ def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
     return centroids
 
 
-def tokenize(images, vocab, patch_size, dtype=torch.float32):
+def tokenize(images, vocab, patch_size):
     """Eq. 1: token ids [B, n]. Dividing by |x| cannot move the argmax, so a batch is one matmul and an argmax on the
-    vocabulary's device. dtype=torch.bfloat16 (as pretrain.py) halves the cost; near-ties then resolve at bf16."""
-    vocab = F.normalize(vocab.float(), dim=-1, eps=EPS).to(dtype)
+    vocabulary's device, in float32 whatever the autocast around it: the targets do not depend on --dtype."""
+    vocab = F.normalize(vocab.float(), dim=-1, eps=EPS)
     patches = tokenizer_patches(images.to(vocab.device), patch_size)
     B, n, dim = patches.shape
     assert dim == vocab.shape[1], f"patches have {dim} dims, the vocabulary {vocab.shape[1]}"
     rows = max(1, 2**24 // len(vocab))  # patches per matmul: at most 16M similarities alive at a time
-    ids = [(chunk.to(dtype) @ vocab.T).argmax(dim=1) for chunk in patches.reshape(B * n, dim).split(rows)]
+    with torch.autocast(vocab.device.type, enabled=False):
+        ids = [(chunk @ vocab.T).argmax(dim=1) for chunk in patches.reshape(B * n, dim).split(rows)]
     return torch.cat(ids).reshape(B, n)
 
 
@@ -92,47 +94,36 @@ def render(token_ids, vocab, grid, patch_size):
     return half.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
-def _images_of(batch):  # a batch is images, (images, labels, ...) or {"image": images, ...}
-    if isinstance(batch, dict):
-        return batch["image"]
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def sample_patches(loader, patch_size, num_patches, seed, prepare=lambda images: images):
-    """Exactly num_patches random tokenizer patches [num_patches, dim] from a loader of images. Each image gives
-    ceil(num_patches / images per pass) distinct patches, so one pass spreads the sample over every image; the loader
-    restarts if one pass is not enough. The seed fixes which patches are drawn; the loader shuffles and augments."""
-    sampler = getattr(loader, "sampler", None)  # one pass of the loader: under DDP, this process's shard
-    per_image = math.ceil(num_patches / len(sampler)) if hasattr(sampler, "__len__") else None
-    g = torch.Generator().manual_seed(seed)
-    chunks, gathered = [], 0
-    with tqdm(total=num_patches, desc="sampling patches", unit="patch") as bar:
-        while gathered < num_patches:
-            before = gathered
-            for batch in loader:
-                patches = tokenizer_patches(prepare(_images_of(batch)), patch_size)  # [B, n, d]
-                B, n, d = patches.shape
-                k = n if per_image is None else min(per_image, n)  # all of them if the pass length is unknown
-                pick = torch.rand(B, n, generator=g).argsort(dim=1)[:, :k].to(patches.device)
-                chunks.append(patches.gather(1, pick[..., None].expand(B, k, d)).reshape(B * k, d).cpu())
-                bar.update(min(B * k, num_patches - gathered))
-                gathered += B * k
-                if gathered >= num_patches:
-                    break
-            assert gathered > before, "the loader yielded no images to sample patches from"
-    return torch.cat(chunks)[:num_patches]
+def sample_patches(loader, num_images, num_patches, device="cpu"):
+    """The vocabulary's sample [num_patches, dim], in image order: the first num_patches of the k patches of every
+    image, from a loader of (patches [B, k, dim], image indices [B]) over this process's images (data.PatchSample).
+    Under torchrun each process reads its own images and a sum over processes fills in the other rows (zeros
+    here), so every process holds the same sample as one process would, whatever their number."""
+    sample = None
+    for patches, index in tqdm(loader, desc="sampling patches", disable=_rank() > 0):
+        if sample is None:
+            sample = torch.zeros(num_images, *patches.shape[1:], device=device)
+        sample[index.to(device)] = patches.to(device)
+    assert sample is not None, "the loader yielded no images to sample patches from"
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sample)  # each image's row comes from the one process that read it: exact
+    return sample.flatten(0, 1)[:num_patches]
 
 
-def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_patches=1_000_000,
-                kmeans_iters=20, device=None, prepare=lambda images: images):
-    """A vocabulary [V, 3*(patch_size//2)**2] of unit rows, on the CPU. random_projection needs no data; the
-    others sample num_patches patches from loader (the paper clustered 3M); k-means runs on device (default: GPU)."""
+def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_images=0, num_patches=1_000_000,
+                kmeans_iters=20, device="cpu"):
+    """A vocabulary [V, 3*(patch_size//2)**2] of unit rows on device. random_projection needs no data; the others
+    sample num_patches patches of num_images images from loader (the paper clustered 3M). Every process builds
+    the same vocabulary itself: none waits on another's k-means (a long wait trips NCCL's timeout)."""
     assert kind in VOCAB_KINDS, f"unknown vocabulary kind {kind!r}"
     assert kind == "random_projection" or loader is not None, f"{kind} samples training patches: pass a loader"
     if kind == "random_projection":
-        return random_projection_vocab(vocab_size, 3 * (patch_size // 2) ** 2, seed)
-    patches = sample_patches(loader, patch_size, num_patches, seed, prepare)
+        return random_projection_vocab(vocab_size, 3 * (patch_size // 2) ** 2, seed).to(device)
+    patches = sample_patches(loader, num_images, num_patches, device)
     if kind == "random_patches":
         return random_patches_vocab(patches, vocab_size, seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return kmeans_vocab(patches.to(device), vocab_size, seed, iters=kmeans_iters).cpu()
+    return kmeans_vocab(patches, vocab_size, seed, iters=kmeans_iters)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import data
 from finetune import mixing
 from model import Classifier, ViT, param_groups
-from probe import extract_features, knn_accuracy, train_linear_probes
+from probe import extract_features, knn_accuracy, probe_blocks, train_linear_probes
 from test_pretrain import ENV, ROOT, TINY, assert_same_weights, run, run_in_process, torchrun, wait_for_step, weights
 
 SMALL_DATA = ["--num_images=64", "--img_size=16", "--patch_size=4", "--batch_size=16", "--workers=0", "--dtype=float32"]
@@ -108,14 +108,61 @@ def test_probe_features_are_the_mean_pooled_blocks():
     torch.manual_seed(0)
     encoder = ViT("tiny", 16, 4).eval()
     dataset = data.Augmented(data.SyntheticShapes(10, 16), data.eval_transform(16))
-    features, labels = extract_features(encoder, dataset, batch_size=4, workers=0, device="cpu")
+    cpu = torch.device("cpu")
+    features = extract_features(encoder, dataset, range(12), batch_size=4, workers=0, device=cpu, store=cpu)
     images = torch.stack([dataset[i][0] for i in range(10)])
     with torch.no_grad():
         layers = encoder(images, all_layers=True)
-    assert features.shape == (10, 12, 192) and labels.tolist() == dataset.dataset.targets
+    assert features.shape == (10, 12, 192) and features.dtype == torch.float16  # half the memory of float32
     for i, h in enumerate(layers):
-        torch.testing.assert_close(features[:, i], h.mean(1))
-    torch.testing.assert_close(features[:, -1], encoder(images).mean(1))  # the last block is after the norm
+        torch.testing.assert_close(features[:, i].float(), h.mean(1), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(features[:, -1].float(), encoder(images).mean(1), rtol=1e-3, atol=1e-3)  # after the norm
+    some = extract_features(encoder, dataset, [11, 5], batch_size=4, workers=0, device=cpu, store=cpu)
+    assert torch.equal(some, features[:, [11, 5]])  # --blocks=12,6
+
+
+def test_probes_a_few_blocks_at_a_time_give_what_all_at_once_give():
+    """Where the features do not fit on the GPU, the probes take them a few blocks at a time."""
+    torch.manual_seed(0)
+    train_y, val_y = torch.arange(120) % 3, torch.arange(60) % 3
+    train_x, val_x = torch.randn(120, 4, 8).half(), torch.randn(60, 4, 8).half()
+    train_x[:, 2, :3] += 5 * F.one_hot(train_y, 3).half()  # block 3 carries the label
+    val_x[:, 2, :3] += 5 * F.one_hot(val_y, 3).half()
+    cfg = dict(probe_epochs=20, probe_lr=1e-2, batch_size=32, seed=0, knn_k=5, knn_temperature=0.07)
+    cpu = torch.device("cpu")
+    linear, knn = probe_blocks((train_x, train_y), (val_x, val_y), 3, cfg, cpu, at_once=4)
+    assert linear[2] > 90 and knn[2] > 90 and max(linear[:2] + linear[3:]) < 70
+    for at_once in (1, 3):
+        lin, nn_ = probe_blocks((train_x, train_y), (val_x, val_y), 3, cfg, cpu, at_once)
+        assert nn_ == knn and lin == pytest.approx(linear, abs=100 / 60 + 1e-6)  # within one validation image
+
+
+def test_probe_says_where_the_features_go_and_stops_when_they_cannot_fit(monkeypatch, capsys, pretrained, tmp_path):
+    import probe
+    flags = [f"--init={pretrained}", "--num_images=32", "--workers=0", "--probe_epochs=2"]
+    result = run("probe.py", *flags, "--blocks=12", f"--out_dir={tmp_path / 'last'}")
+    assert "features: 532 images x 1 block x 192 in float16 = 0.000204 GB, in host memory" in result.stdout
+    results = json.loads((tmp_path / "last" / "results.json").read_text())
+    assert results["blocks"] == [12] and len(results["linear"]) == 1 and results["best_layer"] == 12
+    monkeypatch.setattr(probe, "host_memory", lambda: 100_000)  # bytes: less than 12 blocks' features need
+    code, out, err = run_in_process(monkeypatch, capsys, probe.main, *flags, f"--out_dir={tmp_path / 'all'}")
+    assert code == 1 and "the features do not fit" in err and "--blocks=12 (the last)" in err, err
+    assert "12 blocks x 192 in float16 = 0.00245 GB" in out and not (tmp_path / "all" / "features.pt").exists()
+    code, _, err = run_in_process(monkeypatch, capsys, probe.main, *flags, "--blocks=13")
+    assert code == 1 and "--blocks=13: give all, or numbers from 1 to 12" in err
+
+
+def test_probe_features_under_torchrun_equal_one_process(pretrained, tmp_path):
+    """Two processes each encode half of the images; rank 0 gathers them and alone trains the probes."""
+    flags = [f"--init={pretrained}", "--num_images=30", "--workers=0", "--probe_epochs=2", "--batch_size=8"]
+    run("probe.py", *flags, f"--out_dir={tmp_path / 'one'}")
+    result = torchrun(2, "probe.py", *flags, f"--out_dir={tmp_path / 'two'}")
+    assert result.returncode == 0 and result.stdout.count("best linear probe") == 1, result.stderr[-3000:]
+    one, two = (torch.load(tmp_path / name / "features.pt", weights_only=True) for name in ("one", "two"))
+    for split in ("train", "val"):
+        assert torch.equal(one[split], two[split]) and torch.equal(one[f"{split}_labels"], two[f"{split}_labels"])
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["linear"] == \
+        json.loads((tmp_path / "two" / "results.json").read_text())["linear"]
 
 
 def test_knn_on_separable_features_is_perfect():
@@ -134,7 +181,7 @@ def test_linear_probes_learn_each_layer_separately():
     x = torch.randn(200, 3, 8)
     x[:, 1, :4] += 5 * F.one_hot(y, 4).float()  # only layer 2 carries the label
     probe = train_linear_probes(x[:150], y[:150], 4, epochs=50, lr=1e-2, batch_size=32, seed=0)
-    accuracy = (probe(x[150:]).argmax(-1) == y[150:, None]).float().mean(0)
+    accuracy = (probe(x[150:]) == y[150:, None]).float().mean(0)  # the predicted class at every layer
     assert accuracy[1] > 0.95 and accuracy[0] < 0.6 and accuracy[2] < 0.6
 
 

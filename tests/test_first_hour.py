@@ -181,8 +181,8 @@ def test_ctrl_c_saves_within_a_step_and_resumes(tmp_path):
 
 
 def test_a_signal_during_the_vocabulary_pass_exits_cleanly(tmp_path):
-    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--tokenizer_samples=10000000",
-                                f"--out_dir={tmp_path}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--num_images=100000",
+                                "--tokenizer_samples=1000000", f"--out_dir={tmp_path}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     assert "splitmask ViT-tiny/4" in process.stdout.readline()  # printed before the vocabulary pass starts
     time.sleep(1)
