@@ -167,11 +167,14 @@ def test_tiny_run_lowers_the_mim_loss(tmp_path):
 
 
 def test_two_processes_match_one_process(tmp_path):
-    # Same global batch; seeded vocabulary and no drop path, so the runs differ only by float rounding.
-    flags = [*TINY, "--tokenizer=random_projection", "--drop_path=0"]
+    # Same global batch and no drop path, so the runs differ only by float rounding; the k-means vocabulary, each
+    # process reading half of the sample, is the one process's bit for bit (else the targets would differ).
+    flags = [*TINY, "--drop_path=0"]
     run("pretrain.py", *flags, f"--out_dir={tmp_path / 'one'}")
     result = torchrun(2, "pretrain.py", *flags, f"--out_dir={tmp_path / 'two'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    vocabs = [torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["vocab"] for name in ("one", "two")]
+    assert torch.equal(*vocabs)
     one, two = log_rows(str(tmp_path / "one")), log_rows(str(tmp_path / "two"))
     assert len(one) == len(two) == 8
     for a, b in zip(one, two):
@@ -179,6 +182,30 @@ def test_two_processes_match_one_process(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (a["step"], key)
     for key, value in weights(str(tmp_path / "one")).items():
         torch.testing.assert_close(weights(str(tmp_path / "two"))[key], value, rtol=1e-3, atol=1e-4)
+
+
+def test_torchrun_resumes_bit_for_bit_after_a_signal_to_one_process(tmp_path):
+    """Two processes with their own random streams (drop path), SIGUSR1 to rank 1 alone: both stop after the same
+    step and save; the relaunch ends with the weights of an uninterrupted torchrun run."""
+    flags = [*TINY, "--tokenizer=random_patches"]
+    result = torchrun(2, "pretrain.py", *flags, f"--out_dir={tmp_path / 'reference'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = str(tmp_path / "stopped")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "pretrain.py", *flags, f"--out_dir={out}"]
+    job = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(job, out, 2)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    rank1 = next(pid for pid in workers if b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read())
+    os.kill(int(rank1), signal.SIGUSR1)
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 0 and output.count("stop signal: saved") == 1, output[-3000:]
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert 2 <= saved["step"] < 8 and len(saved["rng"]) == 2 and not torch.equal(*[r["cpu"] for r in saved["rng"]])
+    result = torchrun(2, "pretrain.py", *flags, f"--out_dir={out}")
+    assert result.returncode == 0 and f"resuming from {out}/ckpt.pt at step {saved['step']}" in result.stdout
+    assert_same_weights(weights(out), weights(str(tmp_path / "reference")))
+    assert [r["step"] for r in log_rows(out)] == list(range(1, 9))
 
 
 def run_in_process(monkeypatch, capsys, script_main, *flags):
