@@ -6,11 +6,12 @@ Speed of the real training step, as ratios measured in one run (they hold on noi
     python bench.py --data=data/imagenette2            # the loading rows on a dataset's own files
 
 Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MFU against a dense
-matmul (and the datasheet on known GPUs), with peak GPU memory; SplitMask vs BEiT (time ratio next to
-FLOP ratio); our ViT vs a stack of nn.TransformerEncoderLayer; fused vs naive InfoNCE (time, peak
-memory); tokenization as a share of the step; our loader against the plain torchvision pipeline per
-worker, and the workers the step needs. The calls a ratio compares take turns, round after round, and
-each time is the fastest of its rounds (a busy machine only ever adds time). Writes out/bench.json too.
+matmul (and pretrain.py's denominator, a spec sheet, on known GPUs), with peak GPU memory; SplitMask vs
+BEiT (time ratio next to FLOP ratio); our ViT vs a stack of nn.TransformerEncoderLayer; fused vs naive
+InfoNCE (time, peak memory); tokenization as a share of the step; probe.py's linear probes and k-NN on
+synthetic features of ImageNet size; our loader against the plain torchvision pipeline per worker, and
+the workers the step needs. The calls a ratio compares take turns, round after round, and each time is
+the fastest of its rounds (a busy machine only ever adds time). Writes out/bench.json too.
 """
 import ctypes
 import json
@@ -34,7 +35,7 @@ from pretrain import train_step
 
 config = dict(
     device="auto",  # auto (a GPU if there is one) | cpu | cuda
-    dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
+    dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     model="small",  # ViT size: tiny | small | base | large
     img_size=224,  # image size, in pixels
     patch_size=16,  # patch side, in pixels
@@ -45,6 +46,7 @@ config = dict(
     compile=False,  # torch.compile the models
     nce_sizes="256,1024,4096,8192,16384",  # global batch sizes for the InfoNCE rows ("" skips them)
     loader=True,  # the loading rows: our loader against plain torchvision, and the workers a step needs
+    probe_features="100000,12,768",  # images,blocks,width of synthetic features for probe.py's rows ("" skips them)
     data="",  # a folder of images for the loading rows; "": 64 JPEGs at 640x480 written to out/bench_jpegs
     gpu_img_s=3000.0,  # the step rate the loader must feed without a GPU (ViT-B SplitMask, one H200, 45% MFU)
     out="out/bench.json",  # the rows as JSON
@@ -168,6 +170,26 @@ def nce_rows(sizes, dim, device):
     return rows
 
 
+def probe_rows(spec, device, classes=100):
+    """probe.py's stage on synthetic float16 features (class centres plus noise): memory, one epoch of the linear
+    probes on every block, k-NN of 1,000 queries on one block. Returns (bytes, seconds, seconds)."""
+    from probe import knn_accuracy, train_linear_probes
+    N, L, D = map(int, spec.split(","))
+    g, labels = torch.Generator().manual_seed(0), torch.arange(N) % classes
+    centres, features = torch.randn(classes, L, D, generator=g), torch.empty(N, L, D, dtype=torch.float16)
+    for rows in torch.arange(N).split(10_000):  # made in pieces: float32 noise for all of it would double the peak
+        features[rows] = (centres[labels[rows]] + 4 * torch.randn(len(rows), L, D, generator=g)).half()
+    features, labels = features.to(device), labels.to(device)
+    sync(device)
+    start = time.perf_counter()
+    train_linear_probes(features, labels, classes, epochs=1, lr=1e-3, batch_size=256, seed=0)
+    sync(device)
+    middle = time.perf_counter()
+    knn_accuracy(features[:, -1], labels, features[:1000, -1], labels[:1000], classes)
+    sync(device)
+    return features.numel() * 2, middle - start, time.perf_counter() - middle
+
+
 def write_jpegs(folder, count=64):
     """Without a dataset: count 640x480 JPEGs (COCO's size) of the built-in scenes, drawn at 480 px."""
     os.makedirs(folder, exist_ok=True)
@@ -257,6 +279,15 @@ def main():
         memory = f"{m_fused / 2**20:.0f} vs {m_naive / 2**20:.0f} MiB" if min(m_fused, m_naive) >= 0 else "memory n/a"
         row(f"InfoNCE N={n}: fused / naive", f"{t_fused / t_naive:.2f}x time",
             f"{m_fused / max(1, m_naive):.3f}x memory ({memory})")
+    if cfg["probe_features"]:
+        N, L, D = map(int, cfg["probe_features"].split(","))
+        memory, epoch, knn = probe_rows(cfg["probe_features"], device)
+        row(f"probe: {N:,} x {L} x {D} features", f"{memory / 1e9:.2f} GB", f"float16 on the {device.type} (the old "
+            f"probe: float32 on the host, {2 * memory / 1e9:.2f} GB)")
+        row("probe: linear probes, one epoch", f"{epoch:.1f} s", f"all {L} blocks, 100 classes; 100 epochs (the "
+            f"default): {100 * epoch / 60:.1f} min")
+        row("probe: k-NN of 1,000 queries, one block", f"{knn:.2f} s", f"{N // 10:,} queries on {L} blocks (a val set "
+            f"a tenth of the training set): {knn * N / 1000 * L / 10 / 60:.1f} min")
     if cfg["loader"]:
         folder = cfg["data"] or write_jpegs(os.path.join(os.path.dirname(cfg["out"]) or ".", "bench_jpegs"))
         rate = loading_rows(cfg, folder)

@@ -36,8 +36,7 @@ def fail(message):
 
 
 def check(cfg, rules=()):
-    """Validate settings at the command-line boundary: the first broken (ok, message) rule stops the run.
-    The rules every stage shares come first, then the script's own."""
+    """Validate settings at the command line: the first broken (ok, message) rule, shared ones first, stops the run."""
     for key in ("img_size", "patch_size", "batch_size", "epochs", "log_every", "save_every", "probe_epochs", "knn_k"):
         if key in cfg and cfg[key] <= 0:
             fail(f"--{key}={cfg[key]} must be positive")
@@ -61,15 +60,8 @@ def plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def cpu_workers():
-    """Loader processes per training process: the cores this process may use, minus its own, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
-
-
 def make_out_dir(cfg, suffix=""):
-    """Create --out_dir and return it; "" (probe, fine-tuning) is beside the --init checkpoint, named after it
-    and suffix, so that runs of different checkpoints never mix. A folder that cannot be made stops the run."""
+    """Create --out_dir and return it; "" is <the --init checkpoint><suffix>, beside it: runs of two never mix."""
     path = cfg["out_dir"] or (os.path.splitext(cfg["init"])[0] if cfg["init"] else "out/random_init") + suffix
     try:
         os.makedirs(path, exist_ok=True)
@@ -81,9 +73,8 @@ def make_out_dir(cfg, suffix=""):
 # ----------------------------------------------------------------------------- flags
 
 def configure(config, doc, script, presets={}, chosen=lambda cfg: [], choices={}):
-    """cfg = config, then the presets that chosen(cfg) names (plain overrides, printed), then the flags.
-    Returns (cfg, the keys given as flags). Flags take the type of their default; a key of `choices`
-    must be one of its values. --help prints doc and each config line's comment."""
+    """cfg = config, then the presets that chosen(cfg) names (plain overrides, printed), then the flags; returns (cfg,
+    the keys given as flags). A flag takes its default's type; `choices` limit values. --help: doc and comments."""
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print_help(config, doc, script, presets)
         sys.exit(0)
@@ -143,27 +134,33 @@ def setup(cfg):
     else:  # hide the GPUs: torch.optim asks the GPU about graph capture at every step, starting CUDA on GPU 0
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         keep_freed_memory()
-    # No TF32: --dtype=float32 means float32, and in bfloat16 runs the float32 parts (InfoNCE's similarities,
-    # k-means, the words) stay exact; the model's matmuls run in bfloat16 under autocast either way.
+    # No TF32: --dtype=float32 is float32, and bf16 runs keep InfoNCE, k-means and the words in full float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if WORLD > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(dist.destroy_process_group)  # however it ends: no process waits on a gone one till timeout
+        atexit.register(leave_process_group)
     if cfg["dtype"] == "auto":
         cfg["dtype"] = auto_dtype(device)
-        if cuda:
-            print0(f"--dtype=auto: {cfg['dtype']} on {torch.cuda.get_device_name(device)}")
+        print0(f"--dtype=auto: {cfg['dtype']} on {torch.cuda.get_device_name(device) if cuda else 'the CPU'}")
     autocast = torch.autocast(device.type, getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["dtype"] == "float16")  # a no-op unless float16
     return device, autocast, scaler
 
 
 def auto_dtype(device):
-    """--dtype=auto: bfloat16 on GPUs that have it natively (compute capability 8.0 and up: A100, H100, RTX 30xx),
-    float16 with loss scaling on older ones (V100, T4 would emulate bfloat16, slowly), float32 on a CPU."""
+    """bfloat16 on GPUs that have it natively (A100 and later), float16 on older ones (V100, T4), float32 on a CPU."""
     if device.type != "cuda":
         return "float32"
     return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
+
+
+def leave_process_group():
+    """At exit: destroy the process group; after an uncaught error abort it instead, since a destroy first waits for
+    the collectives in flight (NCCL flushes them), which the other processes, stopped by torchrun, never finish."""
+    if dist.is_initialized() and hasattr(sys, "last_value"):  # set by Python for an uncaught exception
+        dist.distributed_c10d._abort_process_group()
+    elif dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap(model, cfg, device, **ddp_options):
@@ -184,8 +181,8 @@ def log(cfg, row):
 
 
 def keep_freed_memory():
-    """CPU training: glibc gives freed blocks over 32 MiB back to the kernel, so each step's big activations
-    come back as fresh pages, one fault at a time; keep them in the heap, as PyTorch's GPU allocator does."""
+    """CPU training: keep freed blocks in the heap, as PyTorch's GPU allocator does (glibc gives those over 32 MiB
+    back to the kernel, and each step's activations would come back as fresh pages, one fault at a time)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to do
@@ -194,27 +191,28 @@ def keep_freed_memory():
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep up to 2 GiB free at the top of the heap
 
 
-# Dense peak FLOP/s from the spec sheets, (bfloat16 or float16, float32 without TF32); the first name in the
-# GPU's name wins. MFU divides by the one for the run's dtype.
+# Spec-sheet dense peak FLOP/s (16-bit, float32 without TF32), MFU's denominator; the first name found wins.
 PEAK_FLOPS = {"H100 NVL": (835e12, 60e12), "H100 PCIe": (756e12, 51e12), "H100": (989e12, 67e12),
-              "H200": (989e12, 67e12), "A100": (312e12, 19.5e12), "L40S": (362e12, 91.6e12), "4090": (165e12, 82.6e12)}
+              "H800": (989e12, 67e12), "H200": (989e12, 67e12), "GH200": (989e12, 67e12), "A100": (312e12, 19.5e12),
+              "L40S": (362e12, 91.6e12), "4090": (165e12, 82.6e12)}
 
 
 def peak_flops(device, dtype):
     """The MFU's denominator and what it is: a known GPU's spec sheet, else a dense matmul timed now."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     for gpu, (half, single) in PEAK_FLOPS.items():
-        if gpu in name:
+        if re.search(rf"\b{gpu}\b", name):  # a whole word: "A100" is not "RTX A1000"
             return (single if dtype == "float32" else half), f"{gpu} spec sheet, {dtype}"
-    size = 4096 if device.type == "cuda" else 1024 if dtype == "float32" else 256  # CPUs may emulate 16 bits
+    size = 8192 if device.type == "cuda" else 1024 if dtype == "float32" else 256  # CPUs may emulate 16 bits
     a = torch.randn(size, size, device=device, generator=torch.Generator(device)).to(getattr(torch, dtype))
     sync, seconds = torch.cuda.synchronize if device.type == "cuda" else lambda: None, []
-    for _ in range(4):  # the fastest of a few, timed around the matmul alone
+    for _ in range(4):  # the fastest of 4 rounds of 10 back to back: a GPU's launches then cost nothing
         sync()
         start = time.perf_counter()
-        a @ a
+        for _ in range(10):
+            a @ a
         sync()
-        seconds.append(time.perf_counter() - start)
+        seconds.append((time.perf_counter() - start) / 10)
     where = f"this GPU ({name}: no spec sheet here)" if device.type == "cuda" else "this CPU"
     return 2 * size**3 / min(seconds), f"a {dtype} matmul measured on {where}"
 
@@ -222,8 +220,7 @@ def peak_flops(device, dtype):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save(path, state):
-    """Atomic: write a temporary file, flush it to disk, rename it over the old one; a kill at any
-    moment leaves one whole checkpoint."""
+    """Atomic: a temporary file, flushed to disk, renamed over the old one: a kill at any moment leaves a whole one."""
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -249,8 +246,8 @@ def load(path):
 
 
 def encoder_weights(cfg, given, path):
-    """A checkpoint describes its encoder: --model, --img_size and --patch_size come from its config
-    unless given as flags. Returns its weights; refuses a model it cannot fill, naming both."""
+    """A checkpoint describes its encoder: --model, --img_size and --patch_size come from its config unless given as
+    flags. Returns its weights; refuses a model it cannot fill, naming both."""
     saved = load(path)
     cfg.update({key: saved["config"][key] for key in ("model", "img_size", "patch_size") if key not in given})
     cfg["init_modified"] = time.ctime(os.path.getmtime(path))  # a resume refuses a checkpoint rewritten since
@@ -312,9 +309,8 @@ def save_run(path, cfg, model, optimizer, scaler, step, **extra):
 # ----------------------------------------------------------------------------- stopping
 
 class StopSignals:
-    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (what SLURM and most schedulers send before a kill): the
-    training loop asks after every step, saves and exits, and the same command resumes. Before the
-    loop starts (the vocabulary pass, for one) there is nothing to save: the run exits at once."""
+    """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (what SLURM sends before a kill): the training loop asks after every step,
+    saves and exits, and the same command resumes. Before the loop (the vocabulary pass) the run exits at once."""
 
     def __init__(self):
         self.received, self.training = False, False

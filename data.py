@@ -17,7 +17,6 @@ from torchvision.transforms import v2
 
 import common
 from masking import beit_mask, split_patches
-from tokenizers import tokenizer_patches
 
 
 # ----------------------------------------------------------------------------- built-in scenes
@@ -299,27 +298,6 @@ class MaskedImages(Augmented):
         return image, torch.from_numpy(mask).long(), label
 
 
-class PatchSample(Augmented):
-    """(k tokenizer patches of image i [k, dim], i): what the vocabulary is fitted on. Image i is augmented as in
-    the first epoch and its k patches drawn under the seed of (seed, i) alone: the same in any number of processes."""
-    def __init__(self, dataset, transform, patch_size, per_image, seed=0):
-        super().__init__(dataset, transform, seed)
-        self.patch_size, self.per_image = patch_size, per_image
-
-    def __getitem__(self, i):
-        image, _ = super().__getitem__(i)
-        patches = tokenizer_patches(normalize(image[None]), self.patch_size)[0]  # [n, dim], n grid cells
-        pick = np.random.default_rng(self.sample_seed(i)).permutation(len(patches))[:self.per_image]
-        return patches[torch.from_numpy(pick)], i
-
-
-def shard_loader(dataset, batch_size, workers):
-    """This process's share of dataset in order, every world-th item from its rank: no item read twice."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
-    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(rank, len(dataset), world)), batch_size,
-                                       num_workers=workers, worker_init_fn=leave_stop_signals_to_main)
-
-
 class Sampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that can start an epoch part-way, for a run resumed mid-epoch."""
     skip = 0
@@ -335,6 +313,12 @@ def leave_stop_signals_to_main(worker_id):
     """Ctrl-C, SIGTERM, SIGUSR1 reach every process: the main one saves and exits; workers ignore them and follow it."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def cpu_workers():
+    """Loader processes per training process: the cores this process may use, minus its own, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0, pin=False):

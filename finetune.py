@@ -52,9 +52,9 @@ config = dict(
     # system
     out_dir="",  # checkpoint, best.pt and log; "": <checkpoint>_finetune/ beside it, or out/random_init_finetune/
     device="auto",  # auto (a GPU if there is one) | cpu | cuda
-    dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
+    dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     compile=False,  # torch.compile the model
-    workers=common.cpu_workers(),  # loader processes per training process
+    workers=data.cpu_workers(),  # loader processes per training process
     seed=0,  # seeds the head, data order and augmentation
     log_every=10,  # steps between log lines
     max_unreadable=0.01,  # share of unreadable images an epoch may skip before the run stops
@@ -83,6 +83,20 @@ def mixing(mixup, cutmix, num_classes):
     mixes = [v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []
     mixes += [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else []
     return v2.RandomChoice(mixes) if mixes else None
+
+
+def train_step(model, optimizer, scaler, autocast, images, labels, mix, num_classes, label_smoothing):
+    """One optimizer step on a batch already on the device: MixUp or CutMix, smoothed targets, cross-entropy.
+    Returns the loss, left on the device (reading it waits for the GPU)."""
+    images, targets = mix(images, labels) if mix else (images, F.one_hot(labels, num_classes).float())
+    targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+    with autocast:
+        loss = F.cross_entropy(model(images).float(), targets)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 def evaluate(model, loader, device, autocast):
@@ -164,15 +178,9 @@ def main():
         for images, labels in loader:
             lr = set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])  # layer-wise decay
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            images, targets = mix(images, labels) if mix else (images, F.one_hot(labels, num_classes).float())
-            targets = targets * (1 - cfg["label_smoothing"]) + cfg["label_smoothing"] / num_classes
-            with autocast:
-                loss = F.cross_entropy(train_model(images).float(), targets)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, count, step = loss_sum + loss.detach(), count + 1, step + 1
+            loss = train_step(train_model, optimizer, scaler, autocast, images, labels, mix, num_classes,
+                              cfg["label_smoothing"])
+            loss_sum, count, step = loss_sum + loss, count + 1, step + 1
             bar.update(1)
             stopping = stop()  # asked after every step, so that a signal stops the run within one step
             if (step % cfg["log_every"] or step % steps_per_epoch == 0) and not stopping:

@@ -19,8 +19,8 @@ its run's own error output, and the exit code is 1 when any row failed. Without 
 """
 import json
 import math
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -80,14 +80,13 @@ def counted_syncs(fn):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def device_rows(cfg, device):
-    """The checks made in this process, on the device itself."""
+def precision_rows(cfg, device, dtype):
+    """What --dtype=auto picks here; k-means fitted twice; InfoNCE and the words at full precision under autocast."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    dtype = common.auto_dtype(device)
     capability = f"compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))}" \
         if device.type == "cuda" else "no GPU"
     rows = [("--dtype=auto", dtype, f"{name}, {capability}")]
-    autocast = torch.autocast(device.type, torch.bfloat16)  # what a bf16 run computes under
+    bf16 = torch.autocast(device.type, torch.bfloat16)  # the precision rows: what a bf16 run computes under
     g = torch.Generator(device).manual_seed(0)
 
     # k-means twice: the vocabulary of every process and every run is the same, bit for bit
@@ -95,11 +94,11 @@ def device_rows(cfg, device):
     fits = [tokenizers.kmeans_vocab(patches, 16 if cfg["tiny"] else 8192, seed=0, iters=3) for _ in range(2)]
     difference = (fits[0] - fits[1]).abs().max().item()
     rows.append(("k-means fitted twice", "ok" if torch.equal(*fits) else "FAILED", f"{len(patches):,} patches, "
-                 f"{len(fits[0])} words: " + ("the same bits" if difference == 0 else f"differ by up to {difference:.2e}")))
+                 f"{len(fits[0])} words: " + (f"differ by up to {difference:.2e}" if difference else "the same bits")))
 
     # InfoNCE under bf16 autocast against a float64 reference: float32 gives ~1e-7, TF32 ~1e-4
     xa, xb = (torch.randn(1024, 384, device=device, generator=g) for _ in range(2))
-    with autocast:
+    with bf16:
         loss = info_nce(xa, xb).item()
     a, b = F.normalize(xa.double(), dim=-1), F.normalize(xb.double(), dim=-1)
     logits, labels = a @ b.T / 0.2, torch.arange(len(a), device=device)
@@ -112,19 +111,19 @@ def device_rows(cfg, device):
     images = torch.randn(64, 3, 64, 64, device=device, generator=g)
     vocab = tokenizers.random_projection_vocab(1024, 192, seed=0).to(device)
     plain = tokenizers.tokenize(images, vocab, 16)
-    with autocast:
+    with bf16:
         same = torch.equal(tokenizers.tokenize(images, vocab, 16), plain)
     rows.append(("words under bf16 autocast", "ok" if same else "FAILED", "the same ids as in float32"
                  if same else f"{(tokenizers.tokenize(images, vocab, 16) != plain).float().mean():.1%} differ"))
-    if device.type != "cuda":
-        return rows
+    return rows
 
-    # host syncs: pretrain.py's step as its loop feeds it (pinned uint8 batches, normalised on the GPU)
-    size, patch = (32, 4) if cfg["tiny"] else (224, 16)
+
+def sync_rows(cfg, device, autocast, scaler):
+    """Host syncs (the GPU made to wait for the host) in pretrain.py's and finetune.py's steps, fed as their loops
+    feed them (pinned batches, copied without waiting, normalised on the GPU), and in evaluation."""
+    rows, (size, patch) = [], (32, 4) if cfg["tiny"] else (224, 16)
     model = SplitMask(ViT("tiny" if cfg["tiny"] else "small", size, patch, drop_path=0.1), 1024).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
-    autocast = torch.autocast("cuda", getattr(torch, dtype))
     vocab = tokenizers.random_projection_vocab(1024, 3 * (patch // 2) ** 2, seed=0).to(device)
     batch = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8).pin_memory()
     masks = random_masks("splitmask", model.encoder.grid, 64).pin_memory()
@@ -139,7 +138,22 @@ def device_rows(cfg, device):
     syncs = counted_syncs(steps)
     rows.append(("host syncs in 3 training steps", "ok" if syncs == 0 else "FAILED",
                  f"{syncs} (pretrain.py reads the GPU only at its log steps)"))
+
+    # finetune.py's step (MixUp or CutMix, smoothed targets) and its evaluation
     classifier = Classifier(model.encoder, 10).to(device)
+    optimizer = torch.optim.AdamW(param_groups(classifier, 0.05, 0.65), lr=1e-4, fused=True)
+    images, labels, mix = data.normalize(batch.to(device)), torch.randint(0, 10, (64,), device=device), \
+        finetune.mixing(0.8, 1.0, 10)
+
+    def finetune_steps(count=3):
+        for step in range(count):
+            set_lr(optimizer, step, 100, 10, 1e-4, 1e-6)
+            finetune.train_step(classifier, optimizer, scaler, autocast, images, labels, mix, 10, 0.1)
+
+    finetune_steps(1)
+    syncs = counted_syncs(finetune_steps)
+    rows.append(("host syncs in 3 fine-tuning steps", "ok" if syncs == 0 else "FAILED", f"{syncs} (MixUp, CutMix, "
+                 "smoothed targets on the GPU; finetune.py reads it at its log steps)"))
     batches = [(data.normalize(batch).pin_memory(), torch.randint(0, 10, (64,)).pin_memory()) for _ in range(4)]
     syncs = counted_syncs(lambda: finetune.evaluate(classifier, batches, device, autocast))
     rows.append(("host syncs evaluating 4 batches", "ok" if syncs <= 2 else "FAILED",
@@ -159,34 +173,43 @@ def guarded(rows, name, check, *args):
 
 def bench(cfg, compiled, sizes):
     out = os.path.join(cfg["out_dir"], f"bench_{'compiled' if compiled else 'eager'}.json")
+    features = "" if compiled else "2000,2,16" if cfg["tiny"] else "100000,12,768"  # probe.py's rows, eager only
     command = [sys.executable, "bench.py", f"--device={cfg['device']}", f"--compile={compiled}", "--nce_sizes=",
-               f"--loader={not compiled}", f"--out={out}", *sizes]
+               f"--loader={not compiled}", f"--probe_features={features}", f"--out={out}", *sizes]
     code, seconds, stdout, stderr = run(command, cfg["timeout"])
     rows = json.load(open(out))["rows"] if code == 0 else [("bench.py", "FAILED", f"exit {code}: {tail(stderr)}")]
     return [(f"{name}{' (compiled)' if compiled else ''}", value, note) for name, value, note in rows
             if compiled is False or "step" in name or "MFU" in name or "epochs" in name or "memory" in name]
 
 
-def kill_job(pid):
-    """SIGKILL torchrun and its workers (each in a session of its own: killpg would miss them), then wait until
-    none is left running (a SIGKILL lands when it lands, and a worker may be saving)."""
-    job, todo = [], [pid]
-    while todo:
-        job.append(todo.pop())
-        todo += map(int, subprocess.run(["pgrep", "-P", str(job[-1])], capture_output=True, text=True).stdout.split())
+def kill_job(pid, timeout):
+    """SIGKILL torchrun and its workers (each in a session of its own: killpg would miss them), then wait until none
+    is left running: a SIGKILL lands when it lands, and a worker may be saving. Linux's /proc, no other tool."""
+    job, parents = [pid], processes()
+    for process in job:  # the list grows as the loop goes: children, then theirs
+        job += [child for child, parent in parents.items() if parent == process]
     for process in job:
         try:
             os.kill(process, signal.SIGKILL)
         except ProcessLookupError:  # already gone
             pass
-    while any(map(running, job[1:])):
+    deadline = time.perf_counter() + timeout
+    while any(process in processes() for process in job[1:]) and time.perf_counter() < deadline:
         time.sleep(0.05)
 
 
-def running(pid):
-    """Neither gone nor dead and waiting to be reaped (a zombie)."""
-    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
-    return state != "" and not state.startswith("Z")
+def processes():
+    """{pid: parent pid} of every running process (zombies, dead and waiting to be reaped, left out)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]  # after "pid (name)"
+            if state != "Z":
+                found[int(entry)] = int(parent)
+        except (OSError, ValueError):  # not a process, or gone meanwhile
+            pass
+    return found
 
 
 def pretrain_kill_resume(cfg, gpus, sizes):
@@ -201,19 +224,21 @@ def pretrain_kill_resume(cfg, gpus, sizes):
         job = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         while not os.path.exists(ckpt) and job.poll() is None and time.perf_counter() - start < cfg["timeout"]:
             time.sleep(0.1)
-        kill_job(job.pid)
+        timed_out = job.poll() is None and not os.path.exists(ckpt)
+        kill_job(job.pid, cfg["timeout"])
         job.wait()
         output.seek(0)
         first = output.read()
     if not os.path.exists(ckpt):
-        return [("torchrun pretrain.py: kill and resume", "FAILED",
-                 f"exit {job.returncode} before its first checkpoint: {tail(first)}")]
+        ended = f"no checkpoint in {cfg['timeout']} s" if timed_out else f"exit {job.returncode} before a checkpoint"
+        return [("torchrun pretrain.py: kill and resume", "FAILED", f"{ended}: {tail(first)}")]
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     code, seconds, stdout, stderr = run(command, cfg["timeout"])
-    steps = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"step"' in line]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    steps, peak = [row for row in log if "step" in row], log[0].get("peak_source", "")
     ok = code == 0 and f"resuming from {ckpt} at step {killed_at}" in stdout and "done:" in stdout
     note = (f"{gpus} processes, killed after step {killed_at}, resumed from it to step {steps[-1]['step']}; last loss "
-            f"{steps[-1]['loss']:.3f}, {steps[-1]['img_s']:.0f} img/s, MFU {steps[-1]['mfu']:.1%}" if ok
+            f"{steps[-1]['loss']:.3f}, {steps[-1]['img_s']:.0f} img/s, MFU {steps[-1]['mfu']:.1%} of {peak}" if ok
             else f"exit {code} after resuming from step {killed_at}: {tail(stderr or stdout)}")
     return [("torchrun pretrain.py: kill and resume", "ok" if ok else "FAILED", note)]
 
@@ -231,8 +256,7 @@ def main():
     shutil.rmtree(out, ignore_errors=True)  # every check from scratch
     os.makedirs(out)
     open(marker, "w").close()
-    device = torch.device("cuda" if cfg["device"] != "cpu" else "cpu")
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 2  # 2 CPU processes: gloo instead of NCCL
+    gpus = torch.cuda.device_count() if cfg["device"] != "cpu" else 2  # 2 CPU processes: gloo instead of NCCL
     if cfg["tiny"]:
         model_sizes = ["--model=tiny", "--img_size=32", "--patch_size=4", "--batch_size=4", "--vocab_size=64",
                        "--warmup=1", "--steps=2"]
@@ -245,8 +269,13 @@ def main():
                      "--patch_size=8", "--vocab_size=1024", "--tokenizer_samples=200000", "--log_every=20"]
         downstream = ["--num_images=4096", "--batch_size=256"]
     rows, started = [], time.perf_counter()
-    guarded(rows, "checks on the device", device_rows, cfg, device)
-    for compiled in (False, True) if device.type == "cuda" else (False,):  # compiling on a CPU: minutes
+    settings = dict(device=cfg["device"], dtype="auto")
+    device, autocast, scaler = common.setup(settings)  # as every script: TF32 off, the dtype --dtype=auto picks
+    guarded(rows, "precision on the device", precision_rows, cfg, device, settings["dtype"])
+    if device.type == "cuda":
+        guarded(rows, "host syncs", sync_rows, cfg, device, autocast, scaler)
+        torch.cuda.empty_cache()  # the runs below have the GPU to themselves (but for this process's context)
+    for compiled in (False, True) if cfg["device"] != "cpu" else (False,):  # compiling on a CPU: minutes
         guarded(rows, f"bench.py{' (compiled)' if compiled else ''}", bench, cfg, compiled, model_sizes)
     guarded(rows, "torchrun pretrain.py: kill and resume", pretrain_kill_resume, cfg, gpus, run_sizes)
     ckpt = os.path.join(cfg["out_dir"], "pretrain", "ckpt.pt")
@@ -264,7 +293,7 @@ def main():
     if workers is not None and math.isfinite(workers):
         limit = "the loader" if workers * gpus > cores - gpus else "the GPU"
         rows.append(("what limits the step", limit, f"{workers:.1f} workers per GPU x {gpus} GPUs, {cores} cores"))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    name = torch.cuda.get_device_name() if cfg["device"] != "cpu" else "CPU"
     print(f"\ngpu_check on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, "
           f"{time.perf_counter() - started:.0f} s\n")
     print("| check | value | note |\n|---|---|---|")
@@ -273,7 +302,8 @@ def main():
     with open(os.path.join(cfg["out_dir"], "gpu_check.json"), "w") as f:
         json.dump(dict(config=cfg, device=name, torch=torch.__version__, rows=rows), f, indent=1)
     failed = [name for name, value, _ in rows if value == "FAILED"]
-    print(f"\nsaved {cfg['out_dir']}/gpu_check.json" + (f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+    summary = f"; {len(failed)} failed: {', '.join(failed)}" if failed else ""
+    print(f"\nsaved {cfg['out_dir']}/gpu_check.json{summary}")
     sys.exit(1 if failed else 0)
 
 

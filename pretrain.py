@@ -65,9 +65,9 @@ config = dict(
     # system
     out_dir="out/pretrain",  # checkpoint, log and pictures; a relaunch resumes from here
     device="auto",  # auto (a GPU if there is one) | cpu | cuda
-    dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
+    dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     compile=False,  # torch.compile the model
-    workers=common.cpu_workers(),  # loader processes per training process
+    workers=data.cpu_workers(),  # loader processes per training process
     seed=0,  # seeds weights, data order, augmentation, masks and words
     log_every=10,  # steps between log lines
     save_every=1,  # epochs between checkpoints
@@ -218,12 +218,12 @@ def main():
     state = common.resume(ckpt_path, cfg, model, optimizer, scaler)
     if state:
         step, vocab = state["step"], state["vocab"].to(device)
-    else:  # every process reads its share of the images, and all fit the same vocabulary (none waits on another)
+    else:  # every process reads its share of a seeded sample of the images, and all fit the same vocabulary
         per_image = min(encoder.num_patches, math.ceil(cfg["tokenizer_samples"] / len(images)))
-        patches = data.shard_loader(data.PatchSample(images, transform, cfg["patch_size"], per_image, cfg["seed"]),
-                                    micro_batch, cfg["workers"])
+        sample = tokenizers.PatchSample(images, transform, cfg["patch_size"], per_image,
+                                        math.ceil(cfg["tokenizer_samples"] / per_image), cfg["seed"])
         step, vocab = 0, tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"],
-                                                patches, len(images), cfg["tokenizer_samples"], device=device)
+                                                sample, cfg["tokenizer_samples"], device=device, workers=cfg["workers"])
     if step >= total_steps:
         return common.print0(f"{ckpt_path} has finished its {total_steps} steps: nothing left to train (a longer "
                              "run: raise --epochs, with --override_config=True)")
@@ -271,7 +271,7 @@ def main():
                        grad_norm=avg[4], img_s=img_s, mfu=img_s * flops_per_image / world / peak_flops,
                        unreadable=unreadable)
             bar.set_postfix(loss=f"{avg[0]:.3f}", mim=f"{avg[1]:.3f}", nce=f"{avg[2]:.3f}", acc=f"{avg[3]:.3f}",
-                            img_s=f"{img_s:.0f}", mfu=f"{row['mfu']:.1%}")
+                            img_s=f"{img_s:.0f}", mfu=f"{row['mfu']:.1%} of {peak_flops / 1e12:.3g} TFLOP/s")
             common.log(cfg, row)
             sums, count, tick = 0, 0, time.perf_counter()
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first

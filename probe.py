@@ -45,8 +45,8 @@ config = dict(
     knn_temperature=0.07,  # votes weighted by exp(cosine / t)
     out_dir="",  # results and feature cache; "": <checkpoint>_probe/ beside it, or out/random_init_probe/
     device="auto",  # auto (a GPU if there is one) | cpu | cuda
-    dtype="auto",  # auto (bfloat16 on GPUs that support it, float32 elsewhere) | bfloat16 | float16 | float32
-    workers=common.cpu_workers(),  # loader processes
+    dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
+    workers=data.cpu_workers(),  # loader processes
     seed=0,  # seeds the subset, random init and probe training
 )
 # Real datasets: the images and, for random init, the sizes of pretrain.py's recipe (a checkpoint brings its own).
@@ -57,29 +57,37 @@ PRESETS = {**{f"{name}/quick": dict(QUICK, fraction=data.QUICK_FRACTION[name], *
            **{f"{name}/paper": dict(PAPER, **(CIFAR if "cifar" in name else {})) for name in data.DATASETS[1:]}}
 
 
+def to_rank0(batch):
+    """[B, ...] on every process -> their [world * B, ...] on rank 0, process after process (None elsewhere)."""
+    if common.WORLD == 1:
+        return batch
+    parts = [torch.empty_like(batch) for _ in range(common.WORLD)] if common.MASTER else None
+    dist.gather(batch, parts, dst=0)
+    return torch.cat(parts) if common.MASTER else None
+
+
 @torch.no_grad()
 def extract_features(encoder, dataset, blocks, batch_size, workers, device, store):
-    """[N, len(blocks), D] float16 mean-pooled tokens of the given blocks (0-based; after the final norm), in memory
-    of `store` on rank 0 (None elsewhere). Under torchrun each process encodes every world-th image from its rank
-    (equal shares: the last images wrap around) and sends rank 0 each batch of features."""
+    """[N, len(blocks), D] float16 mean-pooled tokens of the given blocks (0-based; after the final norm) in memory
+    of `store`, and [N] labels, on rank 0 (None elsewhere). Under torchrun each process encodes every world-th image
+    from its rank (equal shares: the last images wrap around) and sends rank 0 each batch."""
     world, rank, num_images = common.WORLD, common.RANK, len(dataset)
     share = math.ceil(num_images / world)
     mine = [(rank + world * j) % num_images for j in range(share)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    features = torch.empty(num_images, len(blocks), encoder.dim, dtype=torch.float16, device=store) if rank == 0 \
-        else None
-    for start, (images, _) in zip(range(0, share, batch_size), tqdm(loader, desc="features", disable=rank > 0)):
+    features = labels = None
+    if rank == 0:  # every image's features, on rank 0 alone
+        features = torch.empty(num_images, len(blocks), encoder.dim, dtype=torch.float16, device=store)
+        labels = torch.empty(num_images, dtype=torch.long)
+    for start, (images, y) in zip(range(0, share, batch_size), tqdm(loader, desc="features", disable=rank > 0)):
         layers = encoder(images.to(device, non_blocking=True), all_layers=True)
-        batch = torch.stack([layers[b].float().mean(1) for b in blocks], 1).half()
-        parts = [torch.empty_like(batch) for _ in range(world)] if rank == 0 else None
-        if world > 1:
-            dist.gather(batch, parts, dst=0)
-        if rank == 0:  # the images process r encoded: r + world * j for the j of this batch
-            rows = (torch.arange(start, start + len(images)) * world + torch.arange(world)[:, None]) % num_images
-            batches = torch.stack(parts) if world > 1 else batch[None]  # [world, B, len(blocks), D]
-            features[rows.flatten().to(store)] = batches.flatten(0, 1).to(store)
-    return features
+        batch = to_rank0(torch.stack([layers[b].float().mean(1) for b in blocks], 1).half())
+        y = to_rank0(y.to(device))
+        if rank == 0:  # process r encoded images r + world * j, for the j of this batch
+            rows = ((torch.arange(start, start + len(images)) * world + torch.arange(world)[:, None]) % num_images)
+            features[rows.flatten().to(store)], labels[rows.flatten()] = batch.to(store), y.cpu()
+    return features, labels
 
 
 def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, seed):
@@ -107,7 +115,7 @@ def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, s
             optimizer.step()
             schedule.step()
     norm.eval()
-    return lambda x: torch.cat([logits(chunk).argmax(-1) for chunk in x.split(4096)]).detach()
+    return torch.no_grad()(lambda x: torch.cat([logits(chunk).argmax(-1) for chunk in x.split(4096)]))
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07):
@@ -138,12 +146,18 @@ def probe_blocks(train, val, num_classes, cfg, device, at_once):
 
 
 def host_memory():
-    """Bytes the host can still give (Linux's MemAvailable; elsewhere unknown: no limit)."""
+    """Bytes the host can still give: Linux's MemAvailable, less in a container with a memory limit (cgroup v2);
+    unknown elsewhere (no limit)."""
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
         return math.inf
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            return min(available, int(limit.read()) - int(used.read()))
+    except (OSError, ValueError):  # no limit ("max"), or no cgroup v2
+        return available
 
 
 def main():
@@ -153,7 +167,7 @@ def main():
     depth = VIT_SIZES[cfg["model"]][1]
     numbers = cfg["blocks"].split(",")
     common.check(cfg, [(cfg["blocks"] == "all" or all(b.isdigit() and 1 <= int(b) <= depth for b in numbers),
-                        f"--blocks={cfg['blocks']}: give all, or numbers from 1 to {depth} such as {depth // 2},{depth}")])
+                        f"--blocks={cfg['blocks']}: all, or numbers from 1 to {depth} such as {depth // 2},{depth}")])
     blocks = list(range(depth)) if cfg["blocks"] == "all" else [int(b) - 1 for b in numbers]
     device, autocast, _ = common.setup(cfg)
     out_dir = common.make_out_dir(cfg, "_probe")
@@ -168,29 +182,36 @@ def main():
 
     # where the features go, said before the pass that makes them: float16 on the GPU if they fit in half its free
     # memory (the probes then train there), else in host memory, whence the probes take a few blocks at a time
-    need = sum(map(len, images.values())) * len(blocks) * encoder.dim * 2
+    num_images = sum(map(len, images.values()))
+    need = num_images * len(blocks) * encoder.dim * 2  # bytes; the cache is a copy in host memory
     free = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else math.inf
     store = device if need <= free else torch.device("cpu")
     at_once = len(blocks) if store == device else int(free // (need / len(blocks)))  # on the device at a time
-    common.print0(f"features: {sum(map(len, images.values())):,} images x {common.plural(len(blocks), 'block')} x "
-                  f"{encoder.dim} in float16 = {need / 1e9:.3g} GB, in {'GPU' if store.type == 'cuda' else 'host'} memory; probes "
-                  f"train on the {device.type.upper()}, {common.plural(at_once, 'block')} at a time")
-    if at_once == 0 or (store.type == "cpu" and need > host_memory()):
-        common.fail(f"the features do not fit ({need / 1e9:.3g} GB, {host_memory() / 1e9:.3g} GB free on the host): "
-                    f"probe fewer blocks, e.g. --blocks={depth} (the last) or --blocks={depth // 2},{depth}")
+    common.print0(f"features: {num_images:,} images x {common.plural(len(blocks), 'block')} x {encoder.dim} in float16 "
+                  f"= {need / 1e9:.3g} GB, in {'GPU' if store.type == 'cuda' else 'host'} memory; the probes train "
+                  f"{common.plural(at_once, 'block')} at a time on the {device.type.upper()}")
+    fewer = f"probe fewer blocks, e.g. --blocks={depth} (the last) or --blocks={depth // 2},{depth}"
+    if common.MASTER and need > host_memory():  # rank 0 holds them all; the others only send theirs
+        common.fail(f"the features do not fit in the {host_memory() / 1e9:.3g} GB the host has free: {fewer}")
+    if common.MASTER and at_once == 0:
+        common.fail(f"one block's features are more than half the GPU's free memory ({free * 2 / 1e9:.3g} GB): {fewer}"
+                    ", fewer images (--fraction), or --device=cpu")
 
     # features, cached: the probes below cost little more than this one pass
     cache = os.path.join(out_dir, "features.pt")
     key = {k: cfg.get(k) for k in ("init", "init_modified", "dataset", "data_root", "fraction", "num_images", "model",
                                    "img_size", "patch_size", "crop_ratio", "blocks", "seed", "dtype")}
-    feats = torch.load(cache, weights_only=True, mmap=True) if os.path.exists(cache) else {}  # (mmap: read lazily)
-    if feats.get("key") != key:
+    feats = torch.load(cache, weights_only=True, mmap=True) if common.MASTER and os.path.exists(cache) else {}
+    cached = [feats.get("key") == key]
+    if common.WORLD > 1:
+        dist.broadcast_object_list(cached, src=0)  # rank 0's cache decides for all (an out_dir may not be shared)
+    if not cached[0]:
         feats, transform = {"key": key}, data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
         for split, dataset in images.items():
             with autocast:
-                feats[split] = extract_features(encoder, data.Augmented(dataset, transform), blocks, cfg["batch_size"],
-                                                cfg["workers"], device, store)
-            feats[f"{split}_labels"] = torch.tensor(dataset.targets)
+                features = extract_features(encoder, data.Augmented(dataset, transform), blocks, cfg["batch_size"],
+                                            cfg["workers"], device, store)
+            feats[split], feats[f"{split}_labels"] = features
         if common.MASTER:
             common.save(cache, {k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()})  # atomic
     if not common.MASTER:

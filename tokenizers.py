@@ -5,10 +5,13 @@ vocabularies needing no such training as good on iNat-19 (DALL-E 75.2; random pr
 75.3, k-means 75.0) and 26% faster. A vocabulary is V unit vectors e_i; the token of a patch x is argmax_i <x, e_i>
 (Eq. 1), x being 8x8x3 normalised pixels at half resolution (per 16x16 encoder patch): a token names a direction.
 """
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import data
 
 VOCAB_KINDS = ("random_projection", "random_patches", "kmeans")
 EPS = 1e-8  # a patch with a smaller norm is flat: it has no direction, so it never joins a vocab
@@ -53,7 +56,7 @@ def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
     units = _nonzero_unit_rows(patches)
     centroids = random_patches_vocab(patches, vocab_size, seed)  # init: the random-patches vocab
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(iters), desc="k-means", leave=False, disable=_rank() > 0)
+    bar = tqdm(range(iters), desc="k-means", leave=False, disable=dist.is_initialized() and dist.get_rank() > 0)
     for _ in bar:
         sums, total_cos = torch.zeros_like(centroids), 0.0
         for chunk in units.split(batch_size):
@@ -94,36 +97,47 @@ def render(token_ids, vocab, grid, patch_size):
     return half.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
 
 
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+class PatchSample(data.Augmented):
+    """What the vocabulary is fitted on: item i is (k tokenizer patches [k, dim], i) of the i-th of num_images images
+    drawn at random from dataset, augmented as in the first epoch. Images and patches follow from the seed alone,
+    so any number of processes draws the same sample."""
+    def __init__(self, dataset, transform, patch_size, per_image, num_images, seed=0):
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_images]
+        super().__init__(torch.utils.data.Subset(dataset, chosen.tolist()), transform, seed)
+        self.patch_size, self.per_image = patch_size, per_image
+
+    def __getitem__(self, i):
+        image, _ = super().__getitem__(i)
+        patches = tokenizer_patches(data.normalize(image[None]), self.patch_size)[0]  # [n, dim], n grid cells
+        pick = np.random.default_rng(self.sample_seed(i)).permutation(len(patches))[:self.per_image]
+        return patches[torch.from_numpy(pick)], i
 
 
-def sample_patches(loader, num_images, num_patches, device="cpu"):
-    """The vocabulary's sample [num_patches, dim], in image order: the first num_patches of the k patches of every
-    image, from a loader of (patches [B, k, dim], image indices [B]) over this process's images (data.PatchSample).
-    Under torchrun each process reads its own images and a sum over processes fills in the other rows (zeros
-    here), so every process holds the same sample as one process would, whatever their number."""
-    sample = None
-    for patches, index in tqdm(loader, desc="sampling patches", disable=_rank() > 0):
-        if sample is None:
-            sample = torch.zeros(num_images, *patches.shape[1:], device=device)
-        sample[index.to(device)] = patches.to(device)
-    assert sample is not None, "the loader yielded no images to sample patches from"
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sample)  # each image's row comes from the one process that read it: exact
-    return sample.flatten(0, 1)[:num_patches]
+def sample_patches(sample, num_patches, workers=0, device="cpu"):
+    """The first num_patches of the k patches of each image of sample (a PatchSample): [num_patches, dim]. Under
+    torchrun each process reads every world-th image from its rank, and a sum over processes fills in the rows
+    the others read (zeros here): every process holds the sample one process would, whatever their number."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
+    mine = torch.utils.data.Subset(sample, range(rank, len(sample), world))
+    loader = torch.utils.data.DataLoader(mine, 64, num_workers=workers, worker_init_fn=data.leave_stop_signals_to_main)
+    patches = torch.zeros(len(sample), sample.per_image, 3 * (sample.patch_size // 2) ** 2, device=device)
+    for batch, index in tqdm(loader, desc="sampling patches", disable=rank > 0):
+        patches[index.to(device)] = batch.to(device)
+    if world > 1:
+        dist.all_reduce(patches)  # each row comes from the one process that read its image: exact
+    return patches.flatten(0, 1)[:num_patches]
 
 
-def build_vocab(kind, vocab_size, patch_size, seed, loader=None, num_images=0, num_patches=1_000_000,
-                kmeans_iters=20, device="cpu"):
+def build_vocab(kind, vocab_size, patch_size, seed, sample=None, num_patches=1_000_000, kmeans_iters=20,
+                device="cpu", workers=0):
     """A vocabulary [V, 3*(patch_size//2)**2] of unit rows on device. random_projection needs no data; the others
-    sample num_patches patches of num_images images from loader (the paper clustered 3M). Every process builds
-    the same vocabulary itself: none waits on another's k-means (a long wait trips NCCL's timeout)."""
+    take num_patches patches of sample, a PatchSample (the paper clustered 3M). Every process builds the same
+    vocabulary itself: none waits on another's k-means (a long wait trips NCCL's timeout)."""
     assert kind in VOCAB_KINDS, f"unknown vocabulary kind {kind!r}"
-    assert kind == "random_projection" or loader is not None, f"{kind} samples training patches: pass a loader"
+    assert kind == "random_projection" or sample is not None, f"{kind} samples training patches: pass a sample"
     if kind == "random_projection":
         return random_projection_vocab(vocab_size, 3 * (patch_size // 2) ** 2, seed).to(device)
-    patches = sample_patches(loader, num_images, num_patches, device)
+    patches = sample_patches(sample, num_patches, workers, device)
     if kind == "random_patches":
         return random_patches_vocab(patches, vocab_size, seed)
     return kmeans_vocab(patches, vocab_size, seed, iters=kmeans_iters)

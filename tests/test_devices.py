@@ -145,12 +145,24 @@ def test_every_process_leaves_the_process_group_however_it_ends(tmp_path):
 
 @pytest.mark.parametrize("name, dtype, peak", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 80GB HBM3", "float32", 67e12),
-    ("NVIDIA H100 PCIe", "bfloat16", 756e12), ("NVIDIA H100 NVL", "float16", 835e12), ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12), ("NVIDIA H100 NVL", "float16", 835e12),
+    ("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA GH200 480GB", "bfloat16", 989e12),
     ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12), ("NVIDIA A100 80GB PCIe", "float32", 19.5e12)])
 def test_mfu_on_a_known_gpu_is_against_its_spec_sheet(monkeypatch, name, dtype, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     flops, source = common.peak_flops(torch.device("cuda", 0), dtype)
     assert flops == peak and "spec sheet" in source and dtype in source
+
+
+def test_a_gpu_whose_name_only_contains_a_known_one_is_not_taken_for_it(monkeypatch):
+    """"RTX A1000" holds "A100": it must not be divided by an A100's peak, but by a matmul timed on it (here a
+    small one on the CPU: the test has no GPU)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA RTX A1000")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: torch.ones(64, 64))
+    monkeypatch.setattr(torch, "Generator", lambda device=None: None)
+    flops, source = common.peak_flops(torch.device("cuda", 0), "bfloat16")
+    assert source == "a bfloat16 matmul measured on this GPU (NVIDIA RTX A1000: no spec sheet here)"
 
 
 def test_mfu_on_a_cpu_is_against_a_matmul_measured_now():

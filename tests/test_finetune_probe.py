@@ -116,15 +116,16 @@ def test_probe_features_are_the_mean_pooled_blocks():
     encoder = ViT("tiny", 16, 4).eval()
     dataset = data.Augmented(data.SyntheticShapes(10, 16), data.eval_transform(16))
     cpu = torch.device("cpu")
-    features = extract_features(encoder, dataset, range(12), batch_size=4, workers=0, device=cpu, store=cpu)
+    features, labels = extract_features(encoder, dataset, range(12), batch_size=4, workers=0, device=cpu, store=cpu)
     images = torch.stack([dataset[i][0] for i in range(10)])
     with torch.no_grad():
         layers = encoder(images, all_layers=True)
-    assert features.shape == (10, 12, 192) and features.dtype == torch.float16  # half the memory of float32
+    assert features.shape == (10, 12, 192) and labels.tolist() == dataset.dataset.targets
+    assert features.dtype == torch.float16  # half the memory of float32
     for i, h in enumerate(layers):
         torch.testing.assert_close(features[:, i].float(), h.mean(1), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(features[:, -1].float(), encoder(images).mean(1), rtol=1e-3, atol=1e-3)  # after the norm
-    some = extract_features(encoder, dataset, [11, 5], batch_size=4, workers=0, device=cpu, store=cpu)
+    some, _ = extract_features(encoder, dataset, [11, 5], batch_size=4, workers=0, device=cpu, store=cpu)
     assert torch.equal(some, features[:, [11, 5]])  # --blocks=12,6
 
 
@@ -153,10 +154,11 @@ def test_probe_says_where_the_features_go_and_stops_when_they_cannot_fit(monkeyp
     assert results["blocks"] == [12] and len(results["linear"]) == 1 and results["best_layer"] == 12
     monkeypatch.setattr(probe, "host_memory", lambda: 100_000)  # bytes: less than 12 blocks' features need
     code, out, err = run_in_process(monkeypatch, capsys, probe.main, *flags, f"--out_dir={tmp_path / 'all'}")
-    assert code == 1 and "the features do not fit" in err and "--blocks=12 (the last)" in err, err
+    assert code == 1 and "the features do not fit in the 0.0001 GB the host has free" in err, err
+    assert "--blocks=12 (the last)" in err
     assert "12 blocks x 192 in float16 = 0.00245 GB" in out and not (tmp_path / "all" / "features.pt").exists()
     code, _, err = run_in_process(monkeypatch, capsys, probe.main, *flags, "--blocks=13")
-    assert code == 1 and "--blocks=13: give all, or numbers from 1 to 12" in err
+    assert code == 1 and "--blocks=13: all, or numbers from 1 to 12" in err
 
 
 def test_probe_features_under_torchrun_equal_one_process(pretrained, tmp_path):

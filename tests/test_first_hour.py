@@ -154,8 +154,8 @@ def test_warm_up_longer_than_the_run_is_refused(monkeypatch, capsys, tmp_path):
 
 
 def test_workers_default_to_the_cores_this_machine_has():
-    import common
-    assert 0 <= common.cpu_workers() < max(2, len(os.sched_getaffinity(0)))
+    import data
+    assert 0 <= data.cpu_workers() < max(2, len(os.sched_getaffinity(0)))
 
 
 # ----------------------------------------------------------------------------- 4. stopping loses nothing

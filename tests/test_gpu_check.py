@@ -12,8 +12,8 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     for name in ("SplitMask step", "BEiT step", "loading: plain torchvision, one worker", "loading: ours, one worker",
                  "loader workers to feed the step", "what limits the step"):
         assert name in rows and name in result.stdout, name
-    assert rows["torchrun pretrain.py: kill and resume"][0] == "ok", rows["torchrun pretrain.py: kill and resume"]
-    assert "2 processes, killed after step 4, resumed from it to step 16" in rows["torchrun pretrain.py: kill and resume"][1]
+    resumed = rows["torchrun pretrain.py: kill and resume"]
+    assert resumed[0] == "ok" and "2 processes, killed after step 4, resumed from it to step 16" in resumed[1], resumed
     assert rows["probe.py on its checkpoint"][0] == rows["finetune.py on its checkpoint"][0] == "ok", rows
     assert rows["--dtype=auto"][0] == "float32"  # the rows made in process (host syncs: on a GPU only)
     for name in ("k-means fitted twice", "InfoNCE under bf16 autocast", "words under bf16 autocast"):
@@ -28,7 +28,7 @@ def test_a_pretraining_that_fails_at_start_still_gives_the_whole_table(tmp_path)
     rows = {name: (value, note) for name, value, note in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     failed = rows["torchrun pretrain.py: kill and resume"]
-    assert failed[0] == "FAILED" and "exit 1 before its first checkpoint: error: unknown --model='huge'" in failed[1]
+    assert failed[0] == "FAILED" and "exit 1 before a checkpoint: error: unknown --model='huge'" in failed[1]
     assert rows["probe.py on its checkpoint"][0] == "FAILED" and rows["SplitMask step"][0] != "FAILED"
     assert "| torchrun pretrain.py: kill and resume | FAILED |" in result.stdout  # printed, not only saved
     assert "3 failed: torchrun pretrain.py: kill and resume, probe.py on its checkpoint" in result.stdout

@@ -208,6 +208,15 @@ def test_torchrun_resumes_bit_for_bit_after_a_signal_to_one_process(tmp_path):
     assert [r["step"] for r in log_rows(out)] == list(range(1, 9))
 
 
+def test_eight_processes_finish_and_print_once(tmp_path):
+    """The headline command's shape, torchrun --nproc_per_node=8, at toy sizes on the CPU (gloo): 2 images each."""
+    result = torchrun(8, "pretrain.py", *TINY, f"--out_dir={tmp_path}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(set(lines)) and sum("on 8 x cpu" in line for line in lines) == 1, result.stdout
+    assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["rng"]) == 8 and len(log_rows(str(tmp_path))) == 8
+
+
 def run_in_process(monkeypatch, capsys, script_main, *flags):
     """A script's main() here, for the paths that exit early (no interpreter start-up, which is most of
     such a run): (exit code, stdout, stderr). The stop-signal handlers a script installs are put back."""

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import data
 import tokenizers as tok
@@ -174,8 +174,7 @@ def test_kmeans_reseeds_empty_clusters_and_chunking_does_not_matter():
 @pytest.mark.parametrize("kind", tok.VOCAB_KINDS)
 def test_build_vocab_seeded_unit_rows(kind):
     build = lambda seed: tok.build_vocab(kind, 32, patch_size=4, seed=seed, kmeans_iters=3, num_patches=300,
-                                         loader=DataLoader(patch_sample(per_image=8, seed=seed)[0], batch_size=8),
-                                         num_images=40)
+                                         sample=patch_sample(per_image=8, seed=seed)[0])
     vocab = build(0)
     assert vocab.shape == (32, 12) and vocab.dtype == torch.float32
     assert torch.allclose(vocab.norm(dim=1), torch.ones(32), atol=1e-5)
@@ -203,32 +202,32 @@ def test_random_patches_are_training_patches_without_replacement_and_skip_flat_o
 
 # ----------------------------------------------------------------------------- sampling patches
 
-def patch_sample(num_images=40, per_image=3, seed=0, size=16):
-    """data.PatchSample over random uint8 images, unaugmented: its patches are those of the images themselves."""
+def patch_sample(num_images=40, per_image=3, chosen=40, seed=0, size=16):
+    """tokenizers.PatchSample over random uint8 images, unaugmented: its patches are those of the images."""
     images = torch.randint(0, 256, (num_images, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(100 + seed))
     dataset = TensorDataset(images, torch.zeros(num_images, dtype=torch.long))
-    return data.PatchSample(dataset, lambda image: image, 4, per_image, seed), images
+    return tok.PatchSample(dataset, lambda image: image, 4, per_image, chosen, seed), images
 
 
 def test_sample_patches_draws_real_patches_spread_over_the_dataset():
-    patches, images = patch_sample()
-    all_patches = tok.tokenizer_patches(data.normalize(images), 4)  # [40, 16, 12]
-    sample = tok.sample_patches(DataLoader(patches, batch_size=8), 40, num_patches=100)
+    patches, images = patch_sample(num_images=80, chosen=34)  # ceil(100 / 3) images of the 80, 3 patches each
+    all_patches = tok.tokenizer_patches(data.normalize(images), 4)  # [80, 16, 12]
+    sample = tok.sample_patches(patches, num_patches=100)
     assert sample.shape == (100, 12)
     distance = pairwise_distances(sample, all_patches.reshape(-1, 12))
     nearest = distance.argmin(dim=1)
     assert distance.min(dim=1).values.max() < 1e-5  # every row is an actual patch
     assert len(set(nearest.tolist())) == 100  # distinct patches
-    assert (nearest // 16).tolist() == [i // 3 for i in range(100)]  # ceil(100 / 40) = 3 of each image, in order
-    shuffled = DataLoader(patches, batch_size=8, sampler=torch.randperm(40).tolist())
-    assert torch.equal(tok.sample_patches(shuffled, 40, 100), sample)  # the order of reading does not matter
-    assert not torch.equal(tok.sample_patches(DataLoader(patch_sample(seed=1)[0], batch_size=8), 40, 100), sample)
+    drawn = torch.randperm(80, generator=torch.Generator().manual_seed(0))[:34]  # images drawn at random, in order
+    assert (nearest // 16).tolist() == [drawn[i // 3].item() for i in range(100)]  # not the first 34 of the folder
+    assert torch.equal(tok.sample_patches(patches, 100), sample)
+    assert not torch.equal(tok.sample_patches(patch_sample(num_images=80, chosen=34, seed=1)[0], 100), sample)
 
 
 def test_sample_patches_takes_every_patch_when_the_images_have_too_few():
     patches, images = patch_sample(num_images=2, per_image=16)  # 2 x 16 patches, 100 asked for
-    sample = tok.sample_patches(DataLoader(patches, batch_size=8), 2, num_patches=100)
+    sample = tok.sample_patches(patches, num_patches=100)
     distance = pairwise_distances(sample, tok.tokenizer_patches(data.normalize(images), 4).reshape(-1, 12))
     assert sample.shape == (32, 12) and len(set(distance.argmin(dim=1).tolist())) == 32
 
@@ -249,10 +248,8 @@ def test_clear_errors_for_bad_inputs():
         tok.render(torch.zeros(1, 16, dtype=torch.long), torch.randn(8, 12), (3, 4), patch_size=4)
     with pytest.raises(AssertionError, match="unknown vocabulary kind"):
         tok.build_vocab("dall-e", 64, 16, seed=0)
-    with pytest.raises(AssertionError, match="loader"):
+    with pytest.raises(AssertionError, match="pass a sample"):
         tok.build_vocab("kmeans", 64, 16, seed=0)
-    with pytest.raises(AssertionError, match="no images"):
-        tok.sample_patches([], 4, num_patches=10)
 
 
 # ----------------------------------------------------------------------------- several processes (gloo on localhost)
@@ -270,15 +267,14 @@ class Counting(torch.utils.data.Dataset):
         return self.scenes[i]
 
 
-def vocabularies(world=1, slow_fit=0.0):
+def vocabularies(slow_fit=0.0):
     """Both data-fitted vocabularies of 40 built-in scenes, built as pretrain.py does under torchrun."""
     scenes = Counting(40)
-    patches = data.PatchSample(scenes, data.pretrain_transform(16), 4, per_image=8, seed=0)
+    patches = tok.PatchSample(scenes, data.pretrain_transform(16), 4, per_image=8, num_images=38, seed=0)
     if slow_fit:  # a k-means longer than the processes' collective timeout
         fit = tok.kmeans_vocab
         tok.kmeans_vocab = lambda *args, **kwargs: time.sleep(slow_fit) or fit(*args, **kwargs)
-    vocabs = {kind: tok.build_vocab(kind, 32, 4, seed=0, loader=data.shard_loader(patches, 8, workers=0),
-                                    num_images=40, num_patches=300, kmeans_iters=3)
+    vocabs = {kind: tok.build_vocab(kind, 32, 4, seed=0, sample=patches, num_patches=300, kmeans_iters=3)
               for kind in ("kmeans", "random_patches")}
     return vocabs, scenes.reads
 
@@ -288,7 +284,7 @@ def _vocab_worker(rank, world, port, out_dir, timeout, slow_fit):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
     try:
-        vocabs, reads = vocabularies(world, slow_fit)
+        vocabs, reads = vocabularies(slow_fit)
         dist.barrier()  # after the fits: still within the timeout of one another
         torch.save(dict(vocabs=vocabs, reads=reads), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -300,11 +296,12 @@ def test_two_processes_fit_the_same_vocabularies_as_one_each_reading_half_the_im
     timeout, a 4 s k-means still finishes (NCCL's is 10 minutes, and a k-means at ImageNet scale can be longer)."""
     from test_pretrain import free_port
     one, reads = vocabularies()
-    assert sorted(reads) == sorted(2 * list(range(40)))  # each image once per vocabulary
+    drawn = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:38].tolist()  # ceil(300 / 8) of 40
+    assert sorted(reads) == sorted(2 * drawn)  # each drawn image once per vocabulary
     mp.spawn(_vocab_worker, args=(2, free_port(), str(tmp_path), 2, 4.0), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert sorted(ranks[0]["reads"] + ranks[1]["reads"]) == sorted(reads)  # each image read once, by one process
-    assert len(ranks[0]["reads"]) == len(ranks[1]["reads"]) == 40
+    assert len(ranks[0]["reads"]) == len(ranks[1]["reads"]) == 38
     images = data.normalize(torch.stack([data.SyntheticShapes(40, 16)[i][0] for i in range(40)]))
     for kind, vocab in one.items():
         for rank in ranks:
