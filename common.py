@@ -203,7 +203,7 @@ def peak_flops(device, dtype):
     for gpu, (half, single) in PEAK_FLOPS.items():
         if re.search(rf"\b{gpu}\b", name):  # a whole word: "A100" is not "RTX A1000"
             return (single if dtype == "float32" else half), f"{gpu} spec sheet, {dtype}"
-    size = 8192 if device.type == "cuda" else 1024 if dtype == "float32" else 256  # CPUs may emulate 16 bits
+    size = 8192 if device.type == "cuda" else 512 if dtype == "float32" else 256  # CPUs may emulate 16 bits
     a = torch.randn(size, size, device=device, generator=torch.Generator(device)).to(getattr(torch, dtype))
     sync, seconds = torch.cuda.synchronize if device.type == "cuda" else lambda: None, []
     for _ in range(4):  # the fastest of 4 rounds of 10 back to back: a GPU's launches then cost nothing
