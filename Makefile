@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: test test-a test-b pretrain bench gpu-check row clean
+.PHONY: test test-a test-b test-c pretrain bench gpu-check row clean
 
 # The virtual environment is (re)built only when requirements.txt changes.
 $(VENV)/installed: requirements.txt
@@ -12,18 +12,21 @@ $(VENV)/installed: requirements.txt
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-# The suite in two halves side by side: most tests wait on a one-thread training subprocess, so a single
-# pytest leaves a core idle. pytest exits 5 when it collects no tests, so an empty half fails here too.
+# The suite in three parts side by side: most tests wait on a one-thread training subprocess (and its start-up),
+# so one pytest leaves the cores idle. pytest exits 5 when it collects no tests, so an empty part fails here too.
 TESTS_A = tests/test_pretrain.py tests/test_finetune_probe.py
-# (--output-sync prints each half whole; make 3.81, macOS's, lacks it and interleaves them. No pytest cache:
-# the halves would overwrite each other's list of failed tests.)
+TESTS_B = tests/test_first_hour.py tests/test_gpu_check.py tests/test_own_data.py
+# (--output-sync prints each part whole; make 3.81, macOS's, lacks it and interleaves them. No pytest cache:
+# the parts would overwrite each other's list of failed tests.)
 test: $(VENV)/installed
-	@echo "the tests, in two halves side by side (9-10 minutes on 2 cores); each half prints its results when it ends"
-	$(MAKE) --no-print-directory -j2 $(if $(filter output-sync,$(.FEATURES)),--output-sync=target) test-a test-b
+	@echo "the tests, in three parts side by side (about 10 minutes on 2 cores); each part prints its results when it ends"
+	$(MAKE) --no-print-directory -j3 $(if $(filter output-sync,$(.FEATURES)),--output-sync=target) test-a test-b test-c
 test-a: $(VENV)/installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(TESTS_A)
-test-b: $(VENV)/installed  # every other test file, new ones included
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests $(TESTS_A:%=--ignore=%)
+test-b: $(VENV)/installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(TESTS_B)
+test-c: $(VENV)/installed  # every other test file, new ones included
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests $(TESTS_A:%=--ignore=%) $(TESTS_B:%=--ignore=%)
 
 pretrain: $(VENV)/installed
 	$(PY) pretrain.py

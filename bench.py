@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import time
 
 import numpy as np
@@ -34,7 +33,7 @@ from model import BEiT, SplitMask, ViT, info_nce, info_nce_reference, param_grou
 from pretrain import train_step
 
 config = dict(
-    device="auto",  # auto (a GPU if there is one) | cpu | cuda
+    device="auto",  # auto: a CUDA GPU if there is one, else the CPU (Apple's mps is not used) | cpu | cuda
     dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     model="small",  # ViT size: tiny | small | base | large
     img_size=224,  # image size, in pixels

@@ -42,7 +42,8 @@ def check(cfg, rules=()):
             fail(f"--{key}={cfg[key]} must be positive")
     shared = [(cfg["img_size"] % cfg["patch_size"] == 0,
                f"--img_size={cfg['img_size']} is not divisible by --patch_size={cfg['patch_size']}"),
-              (0 < cfg["fraction"] <= 1, f"--fraction={cfg['fraction']} must be in (0, 1]"),
+              (cfg["fraction"] > 0 and (cfg["fraction"] <= 1 or cfg["fraction"] % 1 == 0),
+               f"--fraction={cfg['fraction']} must be in (0, 1] (a share), or a whole number of images"),
               (0 < cfg.get("crop_ratio", 1) <= 1, f"--crop_ratio={cfg.get('crop_ratio')} must be in (0, 1]"),
               (cfg["workers"] >= 0, f"--workers={cfg['workers']} must be 0 or more")]
     if "epochs" in cfg:  # a training run
@@ -139,19 +140,13 @@ def setup(cfg):
     if WORLD > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
         atexit.register(leave_process_group)
-    if cfg["dtype"] == "auto":
-        cfg["dtype"] = auto_dtype(device)
+    if cfg["dtype"] == "auto":  # bfloat16 on GPUs that have it natively (A100 and later), else float16 (V100, T4)
+        native = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+        cfg["dtype"] = "bfloat16" if native else "float16" if cuda else "float32"
         print0(f"--dtype=auto: {cfg['dtype']} on {torch.cuda.get_device_name(device) if cuda else 'the CPU'}")
     autocast = torch.autocast(device.type, getattr(torch, cfg["dtype"]), enabled=cfg["dtype"] != "float32")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["dtype"] == "float16")  # a no-op unless float16
     return device, autocast, scaler
-
-
-def auto_dtype(device):
-    """bfloat16 on GPUs that have it natively (A100 and later), float16 on older ones (V100, T4), float32 on a CPU."""
-    if device.type != "cuda":
-        return "float32"
-    return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
 
 
 def leave_process_group():
@@ -217,6 +212,18 @@ def peak_flops(device, dtype):
     return 2 * size**3 / min(seconds), f"a {dtype} matmul measured on {where}"
 
 
+def set_lr(optimizer, step, total_steps, warmup_steps, peak, floor):
+    """Linear warm-up, then cosine decay to floor, times each param group's lr_scale (layer decay). Returns it."""
+    if step < warmup_steps:
+        lr = peak * (step + 1) / warmup_steps
+    else:
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        lr = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save(path, state):
@@ -245,22 +252,6 @@ def load(path):
     return state
 
 
-def encoder_weights(cfg, given, path):
-    """A checkpoint describes its encoder: --model, --img_size and --patch_size come from its config unless given as
-    flags. Returns its weights; refuses a model it cannot fill, naming both."""
-    saved = load(path)
-    cfg.update({key: saved["config"][key] for key in ("model", "img_size", "patch_size") if key not in given})
-    cfg["init_modified"] = time.ctime(os.path.getmtime(path))  # a resume refuses a checkpoint rewritten since
-    model, patch, size = (saved["config"][key] for key in ("model", "patch_size", "img_size"))
-    if (cfg["model"], cfg["patch_size"]) != (model, patch):
-        fail(f"--init={path} does not fit --model={cfg['model']} --patch_size={cfg['patch_size']}: it holds a "
-             f"ViT-{model}/{patch}; drop those flags (they come from the checkpoint)")
-    if cfg["img_size"] != size:
-        print0(f"--img_size={cfg['img_size']}: the checkpoint was trained at {size} px; its position embeddings "
-               f"are resized from a {size // patch}x{size // patch} to a {cfg['img_size'] // patch}^2 grid")
-    return saved["model"]
-
-
 def resume(path, cfg, model, optimizer, scaler):
     """Continue the run in cfg["out_dir"] if it has a checkpoint: model, optimizer, scaler and this
     process's RNG streams. Refuses other settings, naming them. Returns the checkpoint, or None."""
@@ -268,9 +259,19 @@ def resume(path, cfg, model, optimizer, scaler):
     last_step = state["step"] if state else 0  # no checkpoint: a new run, from step 0
     changed = {k: (state["config"].get(k), v) for k, v in cfg.items()
                if k not in FREE_TO_CHANGE and state["config"].get(k) != v} if state else {}
+    if state:  # weights of another shape (--model, --patch_size, --img_size, --vocab_size...) cannot resume at all
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError:
+            fail(f"{path} holds a network of another shape than these settings make ({changed}): it cannot resume. Use "
+                 "a new --out_dir" + (f", or --init={path} to start anew from its weights" if "init" in cfg else ""))
     if changed and not cfg["override_config"]:
         fail(f"{path} was made with other settings (saved, now): {changed}. Use another --out_dir, or "
              "--override_config=True to resume with the new ones.")
+    if changed:
+        jumps = ", ".join(f"--{k}" for k in ("epochs", "warmup_epochs", "batch_size", "blr", "min_lr") if k in changed)
+        print0("resuming with other settings: " + ", ".join(f"--{k} {a} -> {b}" for k, (a, b) in changed.items())
+               + (f" ({jumps}: the learning-rate schedule is recomputed, so the rate jumps here)" if jumps else ""))
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     if MASTER and os.path.exists(log_path):  # rows logged after the checkpoint come again (and a half-written one)
         with open(log_path) as f:
@@ -280,7 +281,6 @@ def resume(path, cfg, model, optimizer, scaler):
         os.replace(log_path + ".tmp", log_path)  # atomic, as checkpoints
     if state is None:
         return None
-    model.load_state_dict(state["model"])
     for saved, group in zip(state["optimizer"]["param_groups"], optimizer.param_groups):
         saved.update(fused=group["fused"], foreach=group["foreach"])  # this device's kernels, not the saver's
     optimizer.load_state_dict(state["optimizer"])
@@ -310,7 +310,7 @@ def save_run(path, cfg, model, optimizer, scaler, step, **extra):
 
 class StopSignals:
     """Ctrl-C (SIGINT), SIGTERM and SIGUSR1 (what SLURM sends before a kill): the training loop asks after every step,
-    saves and exits, and the same command resumes. Before the loop (the vocabulary pass) the run exits at once."""
+    saves and exits 0, and the same command resumes. Before the loop (the vocabulary pass) the run stops at once."""
 
     def __init__(self):
         self.received, self.training = False, False
@@ -320,9 +320,9 @@ class StopSignals:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if not self.training:
-            print0(f"{signal.Signals(signum).name} before training started: nothing to save; exiting")
-            sys.exit(0)
+        if not self.training:  # the folder holds nothing yet: the same command starts again
+            print0(f"{signal.Signals(signum).name} before training started: nothing saved yet", file=sys.stderr)
+            sys.exit(128 + signum)  # the shell's code for a process a signal stopped
         self.received = True
 
     def __call__(self):

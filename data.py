@@ -1,10 +1,10 @@
-"""Images in, batches out: datasets (each item a uint8 image [3, H, W] and a label, -1 if none),
-augmentations (torchvision's, on uint8 tensors: 3-4x faster than on PIL images; pre-training batches
-stay uint8 until `normalize` runs on the device), masks and loaders.
-"""
+"""Images in, batches out: datasets (each item a uint8 image [3, H, W] and a label, -1 if none), augmentations
+(torchvision's, on uint8 tensors: 3-4x faster than on PIL images; pre-training batches stay uint8 until `normalize`
+runs on the device), masks and loaders."""
 import colorsys
 import functools
 import os
+import shlex
 import signal
 import sys
 
@@ -94,8 +94,8 @@ def load_rgb(path):
 
 
 def read_image(path):
-    """Any image file as a uint8 RGB tensor [3, H, W]. JPEGs are decoded by torchvision (PIL's pixels,
-    faster), other files by load_rgb. Unreadable files raise OSError naming the file."""
+    """Any image file as a uint8 RGB tensor [3, H, W] (JPEGs by torchvision: PIL's pixels, faster; others by load_rgb).
+    An unreadable file raises OSError, its message starting with the file's name."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -134,7 +134,8 @@ DATASETS = ("synthetic", *LABELLED_FOLDERS, *CIFAR_PYTHON, "folder", *UNLABELLED
 TRAIN_IMAGES = dict(imagenet=1_281_167, inat2018=437_513, inat2019=265_240, coco=118_287, food101=75_750,
                     painting=52_867, cifar10=50_000, cifar100=50_000, sketch=49_115, clipart=34_019,
                     ade20k=20_210, imagenette=9_469, cars=8_144)  # the paper's datasets' training images
-QUICK_FRACTION = {name: round(min(1.0, 10_000 / TRAIN_IMAGES.get(name, 10_000)), 3) for name in DATASETS}  # ~10k
+QUICK_FRACTION = {name: round(min(1.0, 10_000 / TRAIN_IMAGES[name]), 3) if name in TRAIN_IMAGES else 10_000.0
+                  for name in DATASETS}  # the quick recipe's ~10,000 images: a share, or for a folder the number
 # What a dataset's root must hold (the README's datasets table says where to get each).
 IMAGE_FOLDER = "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg (the ImageFolder layout)"
 LAYOUTS = {"folder": "image files anywhere under <root> (or under <root>/train/ and <root>/val/)",
@@ -153,9 +154,9 @@ def _split_dir(root, split):
 
 
 def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_images=None):
-    """A dataset of (uint8 image, int label) by name; `fraction` < 1 keeps a class-balanced share (chosen by
-    seed). Raises FileNotFoundError naming the layout expected when root does not hold the dataset."""
-    assert name in DATASETS and split in SPLIT_DIRS and 0 < fraction <= 1, (name, split, fraction)
+    """A dataset of (uint8 image, int label) by name; `fraction` < 1 keeps a class-balanced share (chosen by seed),
+    above 1 about that many images. Raises FileNotFoundError naming the layout expected when root lacks the dataset."""
+    assert name in DATASETS and split in SPLIT_DIRS and 0 < fraction, (name, split, fraction)
     if name == "synthetic":  # drawn on the fly: no root
         dataset = SyntheticShapes(num_images or (2000 if split == "train" else 500), img_size, split, seed)
     elif not root or not os.path.isdir(root):
@@ -171,8 +172,11 @@ def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_ima
             raise _missing(name, f"no image files under {folder}")
     else:  # the ImageFolder layout <root>/<split>/<class>/<image> (CIFAR's too), class names sorted into labels
         folder = _split_dir(root, split)
-        if folder is None:
-            raise _missing(name, f"no {' or '.join(SPLIT_DIRS[split])} folder in {root}")
+        if folder is None:  # two likely mistakes: a split folder given as the root, a flat folder of images
+            split_itself = os.path.basename(os.path.normpath(root)) in (*SPLIT_DIRS["train"], *SPLIT_DIRS["val"])
+            hint = (f"; {root} looks like a split folder itself: point --data_root at its parent" if split_itself
+                    else "; for images without class folders use --dataset=folder" if _image_files(root) else "")
+            raise _missing(name, f"no {' or '.join(SPLIT_DIRS[split])} folder in {root}{hint}")
         classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
         if not classes:
             raise _missing(name, f"no class folders in {folder}")
@@ -180,6 +184,7 @@ def build_dataset(name, root, split, img_size=224, fraction=1.0, seed=0, num_ima
         if not samples:
             raise _missing(name, f"no image files in the class folders of {folder}")
         dataset = ImageFiles(samples, classes)
+    fraction = min(1.0, fraction / len(dataset)) if fraction > 1 else fraction  # a number of images: its share
     if fraction == 1.0:
         return dataset
     targets, rng, picked = np.asarray(dataset.targets), np.random.default_rng(seed), []
@@ -198,6 +203,11 @@ def from_flags(cfg, split):
                              cfg["num_images"] if split == "train" else None)
     except FileNotFoundError as e:
         common.fail(e)
+
+
+def same_data(cfg, given):  # the flags given that name a run's data: a command suggested next passes them on
+    return "".join(" " + shlex.quote(f"--{key}={cfg[key]}") for key in ("dataset", "data_root", "recipe", "fraction",
+                                                                         "num_images") if key in given)
 
 
 # ----------------------------------------------------------------------------- augmentations
@@ -315,16 +325,14 @@ def leave_stop_signals_to_main(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def cpu_workers():
-    """Loader processes per training process: the cores this process may use, minus its own, at most 8."""
+def cpu_workers():  # loader processes per training process: the cores it may use, minus its own, at most 8
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
 def make_loader(dataset, batch_size, train=True, workers=4, seed=0, pin=False):
-    """A DataLoader whose order is a function of (seed, epoch) (call set_epoch before every epoch), sharded
-    across processes under torch.distributed (in evaluation, a few samples repeat to even the shards).
-    pin=True (for a GPU): batches in page-locked memory, so that copies to the GPU need not wait."""
+    """A DataLoader ordered by (seed, epoch) (set_epoch before every epoch), sharded across processes (in evaluation
+    a few samples repeat to even the shards); pin=True: page-locked batches, which a GPU copies without waiting."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
     sampler = Sampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(
@@ -334,8 +342,7 @@ def make_loader(dataset, batch_size, train=True, workers=4, seed=0, pin=False):
 
 
 def set_epoch(loader, epoch, skip_batches=0):
-    """Reshuffle for this epoch, start it after skip_batches batches, give augmentations and masks their
-    epoch, and start a new count of unreadable images."""
+    """Reshuffle, start after skip_batches batches, give augmentations and masks their epoch, count unreadable anew."""
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = skip_batches * loader.batch_size
     if hasattr(loader.dataset, "epoch"):

@@ -9,6 +9,7 @@ The encoder's size comes with its checkpoint. Reports top-1 / top-5 on the valid
 epoch and keeps the best weights in best.pt; relaunching the same command resumes from out_dir.
 """
 import os
+import shlex
 import time
 
 import torch
@@ -19,16 +20,16 @@ from tqdm import tqdm
 
 import common
 import data
-from model import VIT_SIZES, Classifier, ViT, load_encoder, param_groups, set_lr
+from model import VIT_SIZES, Classifier, ViT, encoder_weights, load_encoder, param_groups
 
 # -----------------------------------------------------------------------------
 # The default run: the built-in scenes. Every line is a flag (--key=value); --help prints the comments.
 config = dict(
     init="",  # a pretrain.py or finetune.py checkpoint (its model, image and patch size come with it); "": random
-    dataset="synthetic",  # synthetic (built in) | imagenette | cifar10 | imagenet | ... (README); needs labels
+    dataset="synthetic",  # synthetic (built in) | imagefolder (your class folders) | imagenette | ... (README)
     data_root="",  # the dataset's folder; the README's datasets table says where to get each
     recipe="quick",  # real datasets: quick (about 10,000 images, a laptop) | paper (the paper's fine-tuning)
-    fraction=1.0,  # class-balanced share of the images to use (ImageNet 1%: 0.01)
+    fraction=1.0,  # class-balanced share of the training and validation images (ImageNet 1%: 0.01), or a number
     num_images=2000,  # built-in scenes to draw
     model="tiny",  # ViT size without --init: tiny | small | base | large
     img_size=32,  # training and test crops, in pixels (with --init: the checkpoint's, unless given)
@@ -51,7 +52,7 @@ config = dict(
     crop_ratio=0.875,  # test: resize to img_size / crop_ratio, then take the centre crop
     # system
     out_dir="",  # checkpoint, best.pt and log; "": <checkpoint>_finetune/ beside it, or out/random_init_finetune/
-    device="auto",  # auto (a GPU if there is one) | cpu | cuda
+    device="auto",  # auto: a CUDA GPU if there is one, else the CPU (Apple's mps is not used) | cpu | cuda
     dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     compile=False,  # torch.compile the model
     workers=data.cpu_workers(),  # loader processes per training process
@@ -117,7 +118,7 @@ def evaluate(model, loader, device, autocast):
 def main():
     cfg, given = common.configure(config, __doc__, __file__, PRESETS, lambda c: [f"{c['dataset']}/{c['recipe']}"],
                                   dict(dataset=data.DATASETS, model=VIT_SIZES))
-    pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
+    pretrained = encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
     world = common.WORLD
     common.check(cfg, [(cfg["batch_size"] % world == 0,
                         f"--batch_size={cfg['batch_size']} must be divisible by the {world} processes")])
@@ -155,9 +156,12 @@ def main():
                                   fused=device.type == "cuda")
     state = common.resume(ckpt_path, cfg, model, optimizer, scaler)
     step, best = (state["step"], state["best_top1"]) if state else (0, 0.0)
+    best_path = os.path.join(cfg["out_dir"], "best.pt")
+    next_step = (f"next: python export.py --ckpt={shlex.quote(best_path)} "  # the classifier, for timm
+                 f"--out={shlex.quote(os.path.join(cfg['out_dir'], 'vit_timm.pth'))}")
     if step >= total_steps:
         return common.print0(f"{ckpt_path} has finished its {total_steps} steps: nothing left to train (best "
-                             f"top-1 {best:.2f}% in {cfg['out_dir']}/best.pt)")
+                             f"top-1 {best:.2f}% in {best_path})\n{next_step}")
     train_model = common.wrap(model, cfg, device)
     common.print0(f"fine-tuning ViT-{cfg['model']}/{cfg['patch_size']} at {cfg['img_size']} px from "
                   f"{cfg['init'] or 'random init'}: {len(train_images)} images, {num_classes} classes, "
@@ -168,7 +172,7 @@ def main():
         common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, best_top1=best, **extra)
 
     # the loop
-    bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=None if common.MASTER else True, dynamic_ncols=True)
     stop.training = True
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -176,7 +180,7 @@ def main():
         train_model.train()
         loss_sum, count, tick = torch.zeros((), device=device), 0, time.perf_counter()
         for images, labels in loader:
-            lr = set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])  # layer-wise decay
+            lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])  # layer-wise decay
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = train_step(train_model, optimizer, scaler, autocast, images, labels, mix, num_classes,
                               cfg["label_smoothing"])
@@ -188,7 +192,9 @@ def main():
             row = dict(step=step, epoch=epoch, lr=lr, loss=loss_sum.item() / count,  # a log step: a host sync
                        img_s=count * cfg["batch_size"] / (time.perf_counter() - tick))
             common.check_health(cfg, step, [row["loss"]], scaler, 0, len(train_images), epoch)  # before any save
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{row['img_s']:.0f}")
+            if common.MASTER:  # a plain line per log step, what a log file keeps (the bar is drawn on a terminal only)
+                bar.write(f"step {step}/{total_steps} | loss {row['loss']:.3f} | lr {lr:.2e} | "
+                          f"{row['img_s']:.0f} img/s")
             common.log(cfg, row)
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
                 checkpoint()
@@ -207,14 +213,13 @@ def main():
         common.log(cfg, dict(epoch=epoch, step=step, train_loss=train_loss, top1=top1, top5=top5,
                              unreadable=unreadable))
         if top1 > best and common.MASTER:
-            common.save(os.path.join(cfg["out_dir"], "best.pt"), dict(model=model.state_dict(), config=cfg, top1=top1,
-                                                                      epoch=epoch + 1))
+            common.save(best_path, dict(model=model.state_dict(), config=cfg, top1=top1, epoch=epoch + 1))
         best = max(best, top1)
         checkpoint(top1=top1)
         if stopping:
             stop.exit(ckpt_path, step)
     bar.close()
-    common.print0(f"done: best val top-1 {best:.2f}% in {cfg['out_dir']}/best.pt (last: ckpt.pt, log: log.jsonl)")
+    common.print0(f"done: best val top-1 {best:.2f}% in {best_path} (last: ckpt.pt, log: log.jsonl)\n{next_step}")
 
 
 if __name__ == "__main__":

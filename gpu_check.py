@@ -38,7 +38,7 @@ import finetune
 import pretrain
 import tokenizers
 from bench import random_masks
-from model import Classifier, SplitMask, ViT, info_nce, param_groups, set_lr
+from model import Classifier, SplitMask, ViT, info_nce, param_groups
 
 config = dict(
     device="auto",  # auto (cuda if there is one; without, say so and exit) | cpu | cuda
@@ -130,7 +130,7 @@ def sync_rows(cfg, device, autocast, scaler):
 
     def steps(count=3):
         for step in range(count):
-            set_lr(optimizer, step, 100, 10, 1e-4, 1e-6)
+            common.set_lr(optimizer, step, 100, 10, 1e-4, 1e-6)
             micro_batch = data.normalize(batch.to(device, non_blocking=True)), masks.to(device, non_blocking=True)
             pretrain.train_step(model, optimizer, scaler, autocast, [micro_batch], vocab, patch, 3.0)
 
@@ -147,7 +147,7 @@ def sync_rows(cfg, device, autocast, scaler):
 
     def finetune_steps(count=3):
         for step in range(count):
-            set_lr(optimizer, step, 100, 10, 1e-4, 1e-6)
+            common.set_lr(optimizer, step, 100, 10, 1e-4, 1e-6)
             finetune.train_step(classifier, optimizer, scaler, autocast, images, labels, mix, 10, 0.1)
 
     finetune_steps(1)

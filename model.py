@@ -2,11 +2,15 @@
 (split the patches in two, inpaint each half's visual words from the other, match the halves' descriptors with
 InfoNCE), BEiT (mask tokens inside the encoder), and InfoNCE fused: tiled, fp32, negatives from all processes."""
 import math
+import os
+import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import common
 
 # name -> (width, depth, heads), as in Dosovitskiy et al. and DeiT.
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
@@ -192,17 +196,17 @@ class BEiT(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Fine-tuning head: mean-pool the encoder's tokens, normalise, one linear layer."""
+    """Fine-tuning head: one linear layer on the mean of the encoder's (normalised) tokens, the features the probes
+    read; timm's VisionTransformer(class_token=False, global_pool="avg", fc_norm=False) is the same network."""
     def __init__(self, encoder, num_classes):
         super().__init__()
         self.encoder = encoder
-        self.fc_norm = nn.LayerNorm(encoder.dim, eps=1e-6)
         self.head = nn.Linear(encoder.dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # start near uniform predictions
         nn.init.zeros_(self.head.bias)
 
     def forward(self, images):
-        return self.head(self.fc_norm(self.encoder(images).mean(1)))
+        return self.head(self.encoder(images).mean(1))
 
 
 def load_encoder(encoder, state_dict):
@@ -218,6 +222,22 @@ def load_encoder(encoder, state_dict):
         grid = F.interpolate(grid.float(), size=encoder.grid, mode="bicubic", align_corners=False)
         weights["pos_embed"] = grid.permute(0, 2, 3, 1).reshape(1, encoder.num_patches, -1)
     encoder.load_state_dict(weights)
+
+
+def encoder_weights(cfg, given, path):
+    """A checkpoint describes its encoder: --model, --img_size and --patch_size come from its config unless given as
+    flags. Returns its weights; refuses a model it cannot fill, naming both."""
+    saved = common.load(path)
+    cfg.update({key: saved["config"][key] for key in ("model", "img_size", "patch_size") if key not in given})
+    cfg["init_modified"] = time.ctime(os.path.getmtime(path))  # a resume refuses a checkpoint rewritten since
+    model, patch, size = (saved["config"][key] for key in ("model", "patch_size", "img_size"))
+    if (cfg["model"], cfg["patch_size"]) != (model, patch):
+        common.fail(f"--init={path} does not fit --model={cfg['model']} --patch_size={cfg['patch_size']}: it holds a "
+             f"ViT-{model}/{patch}; drop those flags (they come from the checkpoint)")
+    if cfg["img_size"] != size:
+        common.print0(f"--img_size={cfg['img_size']}: the checkpoint was trained at {size} px; its position embeddings "
+               f"are resized from a {size // patch}x{size // patch} to a {cfg['img_size'] // patch}^2 grid")
+    return saved["model"]
 
 
 def param_groups(model, weight_decay, layer_decay=1.0):
@@ -236,18 +256,6 @@ def param_groups(model, weight_decay, layer_decay=1.0):
         groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                                               "lr_scale": layer_decay ** (depth + 1 - layer)})["params"].append(p)
     return list(groups.values())
-
-
-def set_lr(optimizer, step, total_steps, warmup_steps, peak, floor):
-    """Linear warm-up, then cosine decay to floor, times each param group's lr_scale (layer decay). Returns it."""
-    if step < warmup_steps:
-        lr = peak * (step + 1) / warmup_steps
-    else:
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        lr = floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-    return lr
 
 
 # ------------------------------ InfoNCE

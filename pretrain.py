@@ -10,26 +10,28 @@ Relaunching the same command resumes from out_dir; Ctrl-C, SIGTERM and SIGUSR1 s
 """
 import math
 import os
+import shlex
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
 import data
 import tokenizers
-from model import VIT_SIZES, BEiT, SplitMask, ViT, param_groups, set_lr
+from model import VIT_SIZES, BEiT, SplitMask, ViT, param_groups
 
 # -----------------------------------------------------------------------------
 # The default run: the built-in scenes. Every line is a flag (--key=value); --help prints the comments.
 config = dict(
-    dataset="synthetic",  # synthetic (built in) | imagenette | cifar10 | coco | imagenet | folder | ... (README)
+    dataset="synthetic",  # synthetic (built in) | imagefolder (your class folders) | folder (any images) | coco | ...
     data_root="",  # the dataset's folder; the README's datasets table says where to get each
     recipe="quick",  # real datasets: quick (about 10,000 images, a laptop) | paper (the paper's Sec. 4)
-    fraction=1.0,  # class-balanced share of the images to use (ImageNet 1%: 0.01)
+    fraction=1.0,  # class-balanced share of the training and validation images (ImageNet 1%: 0.01), or a number
     num_images=2000,  # built-in scenes to draw
     # method (Table 8)
     method="splitmask",  # splitmask | beit
@@ -64,7 +66,7 @@ config = dict(
     strong_aug=False,  # colour jitter, grayscale, blur and solarize (small datasets)
     # system
     out_dir="out/pretrain",  # checkpoint, log and pictures; a relaunch resumes from here
-    device="auto",  # auto (a GPU if there is one) | cpu | cuda
+    device="auto",  # auto: a CUDA GPU if there is one, else the CPU (Apple's mps is not used) | cpu | cuda
     dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     compile=False,  # torch.compile the model
     workers=data.cpu_workers(),  # loader processes per training process
@@ -129,7 +131,7 @@ def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_s
 def save_picture(path, model, images, masks, vocab, patch_size):
     """Rows: the images, what branch A sees, what B sees, A's inpainting of B, B's of A; predicted words drawn as
     their vocabulary patches, grey where neither branch saw (75% masking). BEiT: images, visible patches, inpainting."""
-    from torchvision.utils import save_image
+    from torchvision.utils import make_grid
     with torch.no_grad():
         tokens = tokenizers.tokenize(images, vocab, patch_size)
         out = model(images, tokens, masks)  # every process runs it (InfoNCE gathers); rank 0 draws
@@ -147,24 +149,45 @@ def save_picture(path, model, images, masks, vocab, patch_size):
         words = tokens.clone().scatter_(1, predicted_at, predictions)
         return only(seen)[0] + tokenizers.render(words, vocab, grid, patch_size) * scale * only(predicted_at)[1]
 
-    rows = [images]
+    rows, names = [images], ["original"]
     if masks.dim() == 3:  # SplitMask: visible [B, 2, k]
         a, b = masks[:, 0], masks[:, 1]
-        rows += [only(a)[0], only(b)[0]]
+        rows, names = rows + [only(a)[0], only(b)[0]], names + ["A sees", "B sees"]
         if "pred_ids" in out:  # none when the inpainting head is off (split + match)
             rows += [inpainted(a, b, out["pred_ids"][:B]), inpainted(b, a, out["pred_ids"][B:])]
+            names += ["A predicts B", "B predicts A"]
     else:  # BEiT: masked [B, m]
         seen = torch.ones(B, n, dtype=torch.bool, device=images.device).scatter_(1, masks, False).nonzero()[:, 1]
         rows += [only(seen.view(B, -1))[0], inpainted(seen.view(B, -1), masks, out["pred_ids"])]
+        names += ["visible", "predicted"]
     picture = torch.cat([data.normalize(r.float().cpu(), undo=True) for r in rows])
     zoom = max(1, 128 // images.shape[-1])  # small images are enlarged so that the patches show
-    save_image(picture.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3), path, nrow=B, padding=2)
+    grid = make_grid(picture.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3), nrow=B, padding=2)
+    canvas = Image.new("RGB", (grid.shape[2] + 100, grid.shape[1]), "white")  # a margin for the rows' names
+    canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()), (100, 0))
+    height = zoom * images.shape[-1] + 2
+    for r, name in enumerate(names):
+        ImageDraw.Draw(canvas).text((4, r * height + height // 2 - 4), name, fill="black")
+    canvas.save(path)
+
+
+def unreadable_files(dataset, few=3):
+    """The names of a few unreadable files of dataset, read again, for the message that stops a run."""
+    names = []
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except (OSError, Image.DecompressionBombError) as e:  # data.read_image's message starts with the file
+            names.append(str(e).split(": ")[0])
+            if len(names) == few:
+                break
+    return names
 
 
 def main():
     choices = dict(dataset=data.DATASETS, method=("splitmask", "beit"), model=VIT_SIZES, mask_kind=("block", "random"),
                    tokenizer=tokenizers.VOCAB_KINDS)
-    cfg, _ = common.configure(config, __doc__, __file__, PRESETS, chosen_presets, choices)
+    cfg, given = common.configure(config, __doc__, __file__, PRESETS, chosen_presets, choices)
     world, processes_x_accum = common.WORLD, common.WORLD * cfg["accum_steps"]
     common.check(cfg, [
         (cfg["out_dir"] != "", "--out_dir must name a folder (a relaunch resumes from it)"),
@@ -224,9 +247,21 @@ def main():
                                         math.ceil(cfg["tokenizer_samples"] / per_image), cfg["seed"])
         step, vocab = 0, tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"],
                                                 sample, cfg["tokenizer_samples"], device=device, workers=cfg["workers"])
+        unreadable = torch.tensor(float(sample.unreadable), device=device)  # the pass read images: stop now if need be
+        if world > 1:
+            dist.all_reduce(unreadable)
+        if unreadable > cfg["max_unreadable"] * len(sample):
+            common.fail(f"{int(unreadable)} of the {len(sample)} images the vocabulary pass read are unreadable, such "
+                        f"as {', '.join(unreadable_files(sample.dataset))}: fix or remove them, or let the run skip "
+                        f"them with --max_unreadable={math.ceil(100 * unreadable.item() / len(sample)) / 100}")
+    # what to run next, on the same data: the probes where there are labels, else the export
+    ckpt, timm_file = shlex.quote(ckpt_path), shlex.quote(os.path.join(cfg["out_dir"], "vit_timm.pth"))
+    next_step = f"next: python probe.py --init={ckpt}{data.same_data(cfg, given)}" if len(images.classes) > 1 else (
+        f"next: python export.py --ckpt={ckpt} --out={timm_file}\n(--dataset={cfg['dataset']} has no labels to "
+        f"probe with: probe.py and finetune.py take --init={ckpt} with a labelled --dataset and --data_root)")
     if step >= total_steps:
         return common.print0(f"{ckpt_path} has finished its {total_steps} steps: nothing left to train (a longer "
-                             "run: raise --epochs, with --override_config=True)")
+                             f"run: raise --epochs, with --override_config=True)\n{next_step}")
     train_model = common.wrap(model, cfg, device, find_unused_parameters=cfg["mim_weight"] == 0)
     flops_per_image = model.flops_per_image(cfg["mask_ratio"])
     peak_flops, peak_source = common.peak_flops(device, cfg["dtype"]) if common.MASTER else (1.0, "")
@@ -238,7 +273,7 @@ def main():
         common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
 
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
-    bar = tqdm(total=total_steps, initial=step, disable=not common.MASTER, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=None if common.MASTER else True, dynamic_ncols=True)
     picture_batch = None
     stop.training = True
     while step < total_steps:
@@ -247,7 +282,7 @@ def main():
         train_model.train()
         sums, count, tick, batches = 0, 0, time.perf_counter(), iter(loader)
         for _ in range(step % steps_per_epoch, steps_per_epoch):
-            lr = set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
+            lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
             # uint8 images from the loader, normalised here on the device: a quarter of the host traffic
             micro_batches = [(data.normalize(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
                              for images, masks, _ in (next(batches) for _ in range(cfg["accum_steps"]))]
@@ -270,8 +305,10 @@ def main():
             row = dict(step=step, epoch=epoch, lr=lr, loss=avg[0], mim_loss=avg[1], nce_loss=avg[2], mim_acc=avg[3],
                        grad_norm=avg[4], img_s=img_s, mfu=img_s * flops_per_image / world / peak_flops,
                        unreadable=unreadable)
-            bar.set_postfix(loss=f"{avg[0]:.3f}", mim=f"{avg[1]:.3f}", nce=f"{avg[2]:.3f}", acc=f"{avg[3]:.3f}",
-                            img_s=f"{img_s:.0f}", mfu=f"{row['mfu']:.1%} of {peak_flops / 1e12:.3g} TFLOP/s")
+            if common.MASTER:  # a plain line per log step, what a log file keeps (the bar is drawn on a terminal only)
+                bar.write(f"step {step}/{total_steps} | loss {avg[0]:.3f} (mim {avg[1]:.3f}, nce {avg[2]:.3f}) | "
+                          f"mim acc {avg[3]:.3f} | {img_s:.0f} img/s | MFU {row['mfu']:.1%} of "
+                          f"{peak_flops / 1e12:.3g} TFLOP/s")
             common.log(cfg, row)
             sums, count, tick = 0, 0, time.perf_counter()
             if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
@@ -293,7 +330,7 @@ def main():
     drawn = min(cfg["pictures"], cfg["epochs"])  # by the schedule: before a resume too
     common.print0(f"done: checkpoint {ckpt_path}, log {cfg['out_dir']}/log.jsonl"
                   + (f", {common.plural(drawn, 'picture')} {cfg['out_dir']}/inpaint_*.png" if drawn else "")
-                  + f"\nnext: python probe.py --init={ckpt_path}")
+                  + f"\n{next_step}")
 
 
 if __name__ == "__main__":

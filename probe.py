@@ -14,6 +14,7 @@ Figure 5: SplitMask's late blocks stay good for probing where BEiT's drop.
 import json
 import math
 import os
+import shlex
 
 import torch
 import torch.distributed as dist
@@ -22,16 +23,16 @@ from tqdm import tqdm
 
 import common
 import data
-from model import VIT_SIZES, ViT, load_encoder
+from model import VIT_SIZES, ViT, encoder_weights, load_encoder
 
 # -----------------------------------------------------------------------------
 # The default run: the built-in scenes. Every line is a flag (--key=value); --help prints the comments.
 config = dict(
     init="",  # checkpoint to evaluate (its model, image and patch size come with it); "": random init
-    dataset="synthetic",  # synthetic (built in) | imagenette | cifar10 | imagenet | ... (README); needs labels
+    dataset="synthetic",  # synthetic (built in) | imagefolder (your class folders) | imagenette | ... (README)
     data_root="",  # the dataset's folder; the README's datasets table says where to get each
     recipe="quick",  # real datasets: quick (about 10,000 images) | paper (all of them)
-    fraction=1.0,  # class-balanced share of the images to use (ImageNet 1%: 0.01)
+    fraction=1.0,  # class-balanced share of the training and validation images (ImageNet 1%: 0.01), or a number
     num_images=2000,  # built-in scenes to draw
     model="tiny",  # ViT size without --init: tiny | small | base | large
     img_size=32,  # crops, in pixels (with --init: the checkpoint's, unless given)
@@ -44,7 +45,7 @@ config = dict(
     knn_k=20,  # neighbours that vote
     knn_temperature=0.07,  # votes weighted by exp(cosine / t)
     out_dir="",  # results and feature cache; "": <checkpoint>_probe/ beside it, or out/random_init_probe/
-    device="auto",  # auto (a GPU if there is one) | cpu | cuda
+    device="auto",  # auto: a CUDA GPU if there is one, else the CPU (Apple's mps is not used) | cpu | cuda
     dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     workers=data.cpu_workers(),  # loader processes
     seed=0,  # seeds the subset, random init and probe training
@@ -80,7 +81,8 @@ def extract_features(encoder, dataset, blocks, batch_size, workers, device, stor
     if rank == 0:  # every image's features, on rank 0 alone
         features = torch.empty(num_images, len(blocks), encoder.dim, dtype=torch.float16, device=store)
         labels = torch.empty(num_images, dtype=torch.long)
-    for start, (images, y) in zip(range(0, share, batch_size), tqdm(loader, desc="features", disable=rank > 0)):
+    batches = tqdm(loader, desc="features", disable=None if rank == 0 else True)  # tqdm's None: on a terminal only
+    for start, (images, y) in zip(range(0, share, batch_size), batches):
         layers = encoder(images.to(device, non_blocking=True), all_layers=True)
         batch = to_rank0(torch.stack([layers[b].float().mean(1) for b in blocks], 1).half())
         y = to_rank0(y.to(device))
@@ -104,7 +106,7 @@ def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, s
     def logits(x):  # [B, L, D] features (float16 or 32) -> [B, L, C], in float32
         return torch.einsum("bld,ldc->blc", norm(x.float().flatten(1)).view(-1, L, D), weight) + bias
 
-    for _ in tqdm(range(epochs), desc="linear probes", leave=False):
+    for _ in tqdm(range(epochs), desc="linear probes", leave=False, disable=None):
         norm.train()
         for idx in torch.randperm(N, generator=g).to(device).split(batch_size):
             if len(idx) < 2:
@@ -163,7 +165,7 @@ def host_memory():
 def main():
     cfg, given = common.configure(config, __doc__, __file__, PRESETS, lambda c: [f"{c['dataset']}/{c['recipe']}"],
                                   dict(dataset=data.DATASETS, model=VIT_SIZES))
-    pretrained = common.encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
+    pretrained = encoder_weights(cfg, given, cfg["init"]) if cfg["init"] else None
     depth = VIT_SIZES[cfg["model"]][1]
     numbers = cfg["blocks"].split(",")
     common.check(cfg, [(cfg["blocks"] == "all" or all(b.isdigit() and 1 <= int(b) <= depth for b in numbers),
@@ -231,7 +233,10 @@ def main():
                    best_layer=blocks[best] + 1, knn_last=knn[-1])
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"done: {out_dir}/results.json (accuracy by block; report.py tables and plots experiments)")
+    print(f"done: {out_dir}/results.json (accuracy by block); as a table and a plot: python report.py "
+          f"--folder={shlex.quote(out_dir)}")
+    if cfg["init"]:  # the next step on the same data
+        print(f"next: python finetune.py --init={shlex.quote(cfg['init'])}{data.same_data(cfg, given)}")
 
 
 if __name__ == "__main__":

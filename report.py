@@ -1,8 +1,10 @@
 """
-The table and per-block plot of an experiment: a folder of runs, one per row, each with probe.py's
-results (and pretrain.py's and finetune.py's logs where they exist). `make exp-cifar10` ends with it.
+The table and per-block plot of probe.py's results: one run's folder, or a folder of runs, one per row (with
+pretrain.py's and finetune.py's logs where they exist). `make exp-cifar10` ends with it; probe.py's done line
+names it.
 
     python report.py --folder=out/exp/cifar10     # prints the table; writes report.json and probe_by_block.png
+    python report.py --folder=out/pretrain/ckpt_probe    # one probe.py run, as its done line says
 """
 import json
 import os
@@ -12,7 +14,7 @@ from PIL import Image, ImageDraw
 import common
 
 config = dict(
-    folder="",  # an experiment folder of <row>/{pretrain,probe,finetune}/ runs
+    folder="",  # probe.py's output folder, or a folder above several (make exp-*: <row>/{pretrain,probe,finetune}/)
 )
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
@@ -26,7 +28,8 @@ def plot(path, curves, title):
     draw = ImageDraw.Draw(image)
     L = len(next(iter(curves.values())))
     values = [v for curve in curves.values() for v in curve]
-    low, high = 10 * int(min(values) // 10), min(100, 10 * int(max(values) // 10) + 10)  # the decades in use
+    high = min(100, 10 * int(max(values) // 10) + 10)
+    low = min(10 * int(min(values) // 10), high - 10)  # the decades in use, at least one
     def to_xy(i, acc):
         return pad + i * (right - pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad)
 
@@ -47,29 +50,43 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
-def report(folder):
-    """One table and one per-layer plot for the runs of an experiment: folder/<row>/probe/results.json,
-    with folder/<row>/pretrain/log.jsonl and folder/<row>/finetune/log.jsonl where they exist."""
-    table, curves = {}, {}
-    for name in sorted(os.listdir(folder)):
-        if not os.path.exists(os.path.join(folder, name, "probe", "results.json")):
+def runs(folder):
+    """(name, probe results, pre-training log, fine-tuning log) of every probe result under folder: either
+    <row>/probe/results.json beside <row>/pretrain/ and <row>/finetune/ (make exp-*), or probe.py's default,
+    <ckpt>_probe/results.json beside <ckpt>.pt, the run's log.jsonl and <ckpt>_finetune/ (probe.py's done line)."""
+    for parent, _, files in sorted(os.walk(folder)):
+        if "results.json" not in files:
             continue
-        with open(os.path.join(folder, name, "probe", "results.json")) as f:
+        if os.path.basename(parent) == "probe":
+            row = os.path.dirname(parent)
+            logs = os.path.join(row, "pretrain", "log.jsonl"), os.path.join(row, "finetune", "log.jsonl")
+        else:
+            row = parent.removesuffix("_probe")
+            logs = os.path.join(os.path.dirname(row), "log.jsonl"), row + "_finetune/log.jsonl"
+        name = os.path.relpath(row, folder)
+        yield (os.path.basename(row) if name.startswith(".") else name), os.path.join(parent, "results.json"), *logs
+
+
+def report(folder):
+    """One table and one per-layer plot of the probe results under folder, with the pre-training and fine-tuning
+    logs that go with each (see runs)."""
+    table, curves = {}, {}
+    for name, results, pretrain_log, finetune_log in runs(folder):
+        with open(results) as f:
             probe = json.load(f)
         row = dict(knn=max(probe["knn"]), linear=probe["best_linear"], best_layer=probe["best_layer"], finetune=None,
                    hours=0.0)
-        if os.path.exists(os.path.join(folder, name, "finetune", "log.jsonl")):
-            log = read_jsonl(os.path.join(folder, name, "finetune", "log.jsonl"))
-            epochs = [r["top1"] for r in log if "top1" in r]
+        if os.path.exists(finetune_log):
+            epochs = [r["top1"] for r in read_jsonl(finetune_log) if "top1" in r]
             row["finetune"] = max(epochs, default=None)  # None: fine-tuning has not finished an epoch yet
-        if os.path.exists(os.path.join(folder, name, "pretrain", "log.jsonl")):  # training time from the logged img/s
-            log = read_jsonl(os.path.join(folder, name, "pretrain", "log.jsonl"))
+        if os.path.exists(pretrain_log):  # training time from the logged img/s
+            log = read_jsonl(pretrain_log)
             batch, steps = log[0]["config"]["batch_size"], [r for r in log if "step" in r]
             seconds = sum((r["step"] - p["step"]) * batch / r["img_s"] for p, r in zip([{"step": 0}] + steps, steps))
             row["hours"] = seconds / 3600
         table[name], curves[name] = row, probe["linear"]
     if not table:
-        common.fail(f"no <row>/probe/results.json under {folder}")
+        common.fail(f"no probe results (results.json) under {folder}: give a folder probe.py wrote, or one above")
     print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 |")
     print("|---|---|---|---|---|")
     for name, r in table.items():

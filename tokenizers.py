@@ -56,7 +56,8 @@ def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
     units = _nonzero_unit_rows(patches)
     centroids = random_patches_vocab(patches, vocab_size, seed)  # init: the random-patches vocab
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(iters), desc="k-means", leave=False, disable=dist.is_initialized() and dist.get_rank() > 0)
+    quiet = None if not dist.is_initialized() or dist.get_rank() == 0 else True  # tqdm's None: bars on a terminal only
+    bar = tqdm(range(iters), desc="k-means", leave=False, disable=quiet)
     for _ in bar:
         sums, total_cos = torch.zeros_like(centroids), 0.0
         for chunk in units.split(batch_size):
@@ -121,7 +122,7 @@ def sample_patches(sample, num_patches, workers=0, device="cpu"):
     mine = torch.utils.data.Subset(sample, range(rank, len(sample), world))
     loader = torch.utils.data.DataLoader(mine, 64, num_workers=workers, worker_init_fn=data.leave_stop_signals_to_main)
     patches = torch.zeros(len(sample), sample.per_image, 3 * (sample.patch_size // 2) ** 2, device=device)
-    for batch, index in tqdm(loader, desc="sampling patches", disable=rank > 0):
+    for batch, index in tqdm(loader, desc="sampling patches", disable=None if rank == 0 else True):
         patches[index.to(device)] = batch.to(device)
     if world > 1:
         dist.all_reduce(patches)  # each row comes from the one process that read its image: exact

@@ -4,7 +4,6 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 from data import (MEAN, STD, MaskedImages, SyntheticShapes, build_dataset, eval_transform,
                   load_rgb, make_loader, normalize, pretrain_transform, read_image, set_epoch)
 

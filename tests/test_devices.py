@@ -16,10 +16,20 @@ from test_pretrain import ENV, ROOT, TINY, free_port, log_rows, run
 
 @pytest.mark.parametrize("capability, dtype", [((7, 0), "float16"), ((7, 5), "float16"), ((8, 0), "bfloat16"),
                                                ((8, 6), "bfloat16"), ((9, 0), "bfloat16")])
-def test_auto_dtype_is_bfloat16_only_where_the_gpu_has_it_natively(monkeypatch, capability, dtype):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert common.auto_dtype(torch.device("cuda", 0)) == dtype  # V100 (7.0), T4 (7.5): float16 with loss scaling
-    assert common.auto_dtype(torch.device("cpu")) == "float32"
+def test_auto_dtype_is_bfloat16_only_where_the_gpu_has_it_natively(monkeypatch, capsys, capability, dtype):
+    """V100 (7.0), T4 (7.5): float16 with loss scaling. (A pretend GPU: the calls setup makes are answered here.)"""
+    for name, answer in (("is_available", True), ("set_device", None), ("get_device_capability", capability),
+                         ("get_device_name", "NVIDIA Test"), ("is_bf16_supported", True)):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, answer=answer: answer)
+    cfg = dict(device="cuda", dtype="auto")
+    device, _, scaler = common.setup(cfg)
+    assert (device.type, cfg["dtype"]) == ("cuda", dtype) and f"--dtype=auto: {dtype} on NVIDIA Test" in \
+        capsys.readouterr().out
+    assert scaler.is_enabled() == (dtype == "float16")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # (a CPU run hides the GPUs: put the variable back afterwards)
+    cpu = dict(device="cpu", dtype="auto")
+    common.setup(cpu)
+    assert cpu["dtype"] == "float32"
 
 
 def test_setup_turns_tf32_off(monkeypatch):

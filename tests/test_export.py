@@ -1,9 +1,12 @@
 """export.py: our weights in timm's VisionTransformer layout and back, checked against a written table."""
+import os
+
 import pytest
 import torch
 
 from export import from_timm, to_timm
-from model import Classifier, SplitMask, ViT, load_encoder
+from model import BEiT, Classifier, SplitMask, ViT, load_encoder
+from test_pretrain import ROOT, run
 
 # timm's vit_tiny_patch16_224 (D=192, 12 blocks, 14x14 patches, no layer scale), with a 10-class head
 D = 192
@@ -32,15 +35,16 @@ def shapes(state):
 
 
 def test_export_matches_timm_layout():
-    pretrained = to_timm(SplitMask(trained_like(ViT("tiny", 224, 16, layer_scale=0.1)), 16).state_dict())
+    pretrained = to_timm(SplitMask(trained_like(ViT("tiny", 224, 16, layer_scale=0.1)), 16).state_dict(), True)
     assert shapes(pretrained) == BACKBONE  # layer scale folded away, decoder and word head dropped
     assert pretrained["cls_token"].abs().sum() == 0 and pretrained["pos_embed"][:, 0].abs().sum() == 0
-    finetuned = to_timm(trained_like(Classifier(ViT("tiny", 224, 16, layer_scale=0.1), 10)).state_dict())
-    assert shapes(finetuned) == {**TIMM_LAYOUT, "fc_norm.weight": (D,), "fc_norm.bias": (D,)}
+    finetuned = to_timm(trained_like(Classifier(ViT("tiny", 224, 16, layer_scale=0.1), 10)).state_dict(), True)
+    assert shapes(finetuned) == TIMM_LAYOUT
+    assert shapes(to_timm(BEiT(ViT("tiny", 224, 16), 16).state_dict(), True)) == BACKBONE  # its word head dropped
 
 
 def import_into(model, timm_state):
-    """What finetune.py --init does with an imported file, plus the classifier's own fc_norm / head."""
+    """What finetune.py --init does with an imported file, plus the classifier's own head."""
     state = from_timm(timm_state)
     missing = model.load_state_dict(state, strict=False).missing_keys
     assert all(k.endswith(("gamma1", "gamma2")) for k in missing), missing
@@ -79,7 +83,7 @@ def test_import_reads_layer_scale_and_position_layouts_of_other_vits():
 
 def test_pretraining_checkpoint_exports_only_the_encoder():
     net = SplitMask(trained_like(ViT("tiny", 32, 4)), 16)
-    exported = to_timm(net.state_dict())
+    exported = to_timm(net.state_dict(), cls_token=True)
     assert not any(k.startswith(("decoder", "mask", "head", "encoder")) for k in exported)
     encoder = ViT("tiny", 32, 4).eval()
     load_encoder(encoder, from_timm(exported))  # gains folded on the way out, set to 1 on the way in
@@ -94,3 +98,43 @@ def test_encoder_without_layer_scale_loads_into_one_with_it():
     load_encoder(scaled, {f"encoder.{k}": v for k, v in plain.state_dict().items()})
     images = torch.randn(2, 3, 32, 32)
     assert torch.equal(scaled(images), plain(images))
+
+
+# ----------------------------------------------------------------------------- in timm itself (a test requirement)
+
+def exported(tmp_path, model, config):
+    """A checkpoint of model as our scripts write one, exported by export.py: the timm construction it prints."""
+    torch.save(dict(model=model.state_dict(), config=config), tmp_path / "ckpt.pt")
+    os.makedirs(tmp_path / "out", exist_ok=True)
+    result = run("export.py", f"--ckpt={tmp_path / 'ckpt.pt'}", f"--out={tmp_path / 'out' / 'vit_timm.pth'}")
+    return result.stdout.split("\n\n")[2]
+
+
+@pytest.mark.parametrize("fine_tuned", [False, True])
+def test_the_printed_timm_model_loads_strictly_and_computes_ours(tmp_path, fine_tuned):
+    """Features of a pre-training checkpoint, logits of a fine-tuned one: timm's numbers are ours, to 1e-5."""
+    encoder = trained_like(ViT("tiny", 32, 4, layer_scale=0.1))
+    ours = trained_like(Classifier(encoder, 10)) if fine_tuned else trained_like(SplitMask(encoder, 16))
+    code = exported(tmp_path, ours, dict(model="tiny", img_size=32, patch_size=4))
+    assert ("num_classes=10" if fine_tuned else "num_classes=0") in code
+    namespace = {}
+    exec(code, namespace)  # load_state_dict is strict by default: a missing or extra key raises
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(images) if fine_tuned else ours.encoder(images).mean(1)
+        torch.testing.assert_close(namespace["model"](images), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_readme_timm_snippet_runs_on_an_export_of_the_default_run(tmp_path, monkeypatch):
+    """The README's lines, as written, on the export of a checkpoint of `make pretrain`'s architecture."""
+    model = trained_like(SplitMask(ViT("tiny", 32, 4), 16))
+    exported(tmp_path, model, dict(model="tiny", img_size=32, patch_size=4))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    snippet = readme.split("## Export to timm", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(snippet.splitlines()) == 5 and "timm.models.VisionTransformer(img_size=32, patch_size=4" in snippet
+    monkeypatch.chdir(tmp_path)
+    images = torch.randn(2, 3, 32, 32)
+    namespace = {"images": images}
+    exec(snippet, namespace)
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["features"], model.encoder(images).mean(1), rtol=1e-5, atol=1e-5)

@@ -92,7 +92,7 @@ def test_layer_decay_table():
                 "encoder.pos_embed": decay**13, "encoder.blocks.0.attn.qkv.weight": decay**12,
                 "encoder.blocks.0.norm1.weight": decay**12, "encoder.blocks.5.mlp.0.bias": decay**7,
                 "encoder.blocks.11.attn.proj.weight": decay**1, "encoder.norm.weight": 1.0,
-                "fc_norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
+                "head.weight": 1.0, "head.bias": 1.0}
     names = {id(p): n for n, p in model.named_parameters()}
     scale = {names[id(p)]: g["lr_scale"] for g in param_groups(model, 0.05, decay) for p in g["params"]}
     assert len(scale) == len(names)

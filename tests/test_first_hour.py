@@ -180,18 +180,6 @@ def test_ctrl_c_saves_within_a_step_and_resumes(tmp_path):
         assert torch.equal(weights(out)[key], value), key
 
 
-def test_a_signal_during_the_vocabulary_pass_exits_cleanly(tmp_path):
-    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, "--num_images=100000",
-                                "--tokenizer_samples=1000000", f"--out_dir={tmp_path}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    assert "splitmask ViT-tiny/4" in process.stdout.readline()  # printed before the vocabulary pass starts
-    time.sleep(1)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0 and "SIGTERM before training started: nothing to save" in output, output
-    assert "Traceback" not in output and not (tmp_path / "ckpt.pt").exists()
-
-
 # ----------------------------------------------------------------------------- 5. errors a user meets
 
 def test_a_missing_data_root_is_said_once_under_torchrun(tmp_path):

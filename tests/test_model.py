@@ -1,7 +1,6 @@
 """model.py is checked against plain references written here: loops, naive attention, the textbook
 InfoNCE with F.cross_entropy, hand-gathered cross-entropies, a real 2-process gloo run, and FLOPs
 measured by torch.utils.flop_counter. Everything is tiny so the file runs on a couple of CPU cores."""
-import contextlib
 import math
 import os
 import socket

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import data
 import tokenizers
 from masking import beit_mask, split_patches
-from model import BEiT, Classifier, SplitMask, ViT, load_encoder, param_groups, set_lr
+from common import set_lr
+from model import BEiT, Classifier, SplitMask, ViT, load_encoder, param_groups
 from pretrain import train_step
 from test_pretrain import TINY, run, weights
 
