@@ -293,7 +293,7 @@ class Augmented(torch.utils.data.Dataset):
 
 
 class MaskedImages(Augmented):
-    """(image, mask, label): SplitMask's [2, k] visible patch indices of branches A and B, or BEiT's [m]
+    """(image, patches, label): SplitMask's [2, k] visible patch indices of branches A and B, or BEiT's [m]
     masked patch indices. Counts are exact, so default collation stacks them."""
     def __init__(self, dataset, transform, grid, method="splitmask", mask_ratio=0.5, mask_kind="block",
                  min_block=16, seed=0):
@@ -304,8 +304,8 @@ class MaskedImages(Augmented):
     def __getitem__(self, i):
         image, label = super().__getitem__(i)
         args = (self.grid, self.mask_ratio, np.random.default_rng(self.sample_seed(i)), self.mask_kind, self.min_block)
-        mask = split_patches(*args) if self.method == "splitmask" else np.flatnonzero(beit_mask(*args))
-        return image, torch.from_numpy(mask).long(), label
+        patches = split_patches(*args) if self.method == "splitmask" else np.flatnonzero(beit_mask(*args))
+        return image, torch.from_numpy(patches).long(), label  # SplitMask's visible patches, or BEiT's masked ones
 
 
 class Sampler(torch.utils.data.DistributedSampler):

@@ -60,27 +60,27 @@ def random_mask(grid, num_masked, rng, allowed=None):
     return mask
 
 
-def _draw(kind, grid, num_masked, rng, min_block, allowed=None):
+def _cells(kind, grid, count, rng, min_block, allowed=None):  # a flat bool array: count cells chosen by kind
     assert kind in ("block", "random"), f"mask kind {kind!r}"
     if kind == "block":
-        return block_mask(grid, num_masked, rng, min_block=min_block, allowed=allowed)
-    return random_mask(grid, num_masked, rng, allowed=allowed)
+        return block_mask(grid, count, rng, min_block=min_block, allowed=allowed)
+    return random_mask(grid, count, rng, allowed=allowed)
 
 
 def split_patches(grid, mask_ratio, rng, kind="block", min_block=16):
     """Visible patch indices of branches A and B, int64 [2, k] with sorted rows; each branch hides mask_ratio
     of the n patches. Above 0.5 (e.g. 0.75, for small datasets) the patches neither branch sees are not
-    predicted. Equal k lets both branches run as one batch of 2B sequences of length k."""
+    predicted. Equal k lets both branches run as one batch of 2N sequences of length k."""
     k = round(grid[0] * grid[1] * (1 - mask_ratio))
     assert 0.5 <= mask_ratio < 1, f"mask_ratio {mask_ratio}: the two branches cannot be disjoint"
     assert k > 0, f"mask_ratio {mask_ratio} on a {grid} grid leaves no visible patch"
-    seen_by_a = _draw(kind, grid, k, rng, min_block)
+    visible_a = _cells(kind, grid, k, rng, min_block)
     # B draws from the patches A does not see: at 0.5 (the paper's) that is A's complement (odd n: one left over).
-    seen_by_b = _draw(kind, grid, k, rng, min_block, allowed=~seen_by_a)
-    return np.stack([np.flatnonzero(seen_by_a), np.flatnonzero(seen_by_b)]).astype(np.int64)
+    visible_b = _cells(kind, grid, k, rng, min_block, allowed=~visible_a)
+    return np.stack([np.flatnonzero(visible_a), np.flatnonzero(visible_b)]).astype(np.int64)
 
 
 def beit_mask(grid, mask_ratio, rng, kind="block", min_block=16):
     """Masked positions (flat bool) for the BEiT baseline; BEiT hides 75 of 196 patches, our default 0.4 hides 78."""
     assert 0 < mask_ratio < 1, f"mask_ratio {mask_ratio}"
-    return _draw(kind, grid, round(grid[0] * grid[1] * mask_ratio), rng, min_block)
+    return _cells(kind, grid, round(grid[0] * grid[1] * mask_ratio), rng, min_block)

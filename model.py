@@ -128,38 +128,39 @@ class SplitMask(nn.Module):
         nn.init.trunc_normal_(self.mask_embed, std=0.02)
 
     def forward(self, images, token_ids, visible):
-        """token_ids [B, n]; visible [B, 2, k]: the patches of disjoint subsets A, B -> dict of losses, MIM accuracy."""
-        enc, B = self.encoder, images.shape[0]
-        # 1. Split: embed once, then both subsets become one batch of 2B sequences of k tokens.
-        seen = torch.cat([visible[:, 0], visible[:, 1]])  # [2B, k]: rows :B are branch A, B: are branch B
-        x = gather_tokens((enc.patchify(images) + enc.pos_embed).repeat(2, 1, 1), seen)
-        z = enc.forward_tokens(x)  # the shared encoder never sees a mask token
-        # 2. Inpaint: each branch's encoder outputs where it looked, mask + position embedding elsewhere.
-        filler = (self.mask_embed + enc.pos_embed).expand(2 * B, -1, -1)
-        h = filler.scatter(1, seen.unsqueeze(-1).expand_as(z), z.to(filler.dtype))
+        """images [N, 3, H, W], token_ids [N, n], visible [N, 2, k] (A's and B's patches) -> losses, MIM accuracy."""
+        N = images.shape[0]
+        # 1. Split, then encode each half with the shared encoder, as one batch of 2N sequences of k tokens: every
+        #    image twice, A's patches kept in the first copy, B's in the second. No mask token enters the encoder.
+        seen = torch.cat([visible[:, 0], visible[:, 1]])  # [2N, k]: rows :N are branch A, rows N: branch B
+        z = self.encoder(torch.cat([images, images]), keep=seen)  # [2N, k, D]
+        # 2. Inpaint: a canvas of the mask embedding plus each position's embedding; every encoder output goes back to
+        #    its patch's position (MAE's ids_restore), canvas[i, seen[i, j]] = z[i, j]; the decoder runs over all n.
+        canvas = (self.mask_embed + self.encoder.pos_embed).expand(2 * N, -1, -1)  # [2N, n, D]
+        h = canvas.scatter(1, seen.unsqueeze(-1).expand_as(z), z.to(canvas.dtype))
         for block in self.decoder:
             h = block(h)
         h = self.decoder_norm(h)
         out = {"mim_loss": h.new_zeros(()), "nce_loss": h.new_zeros(()), "mim_acc": h.new_zeros(())}
         if self.mim_weight > 0:
-            target_pos = torch.cat([visible[:, 1], visible[:, 0]])  # [2B, k]: A predicts the words of B, B those of A
+            target_pos = torch.cat([visible[:, 1], visible[:, 0]])  # [2N, k]: A predicts the words of B, B those of A
             logits = self.head(gather_tokens(h, target_pos)).float()
             targets = torch.gather(token_ids.repeat(2, 1), 1, target_pos)
             out["mim_loss"] = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            out["pred_ids"] = logits.argmax(-1)  # [2B, k], for accuracy and pictures
+            out["pred_ids"] = logits.argmax(-1)  # [2N, k], for accuracy and pictures
             out["mim_acc"] = (out["pred_ids"] == targets).float().mean()
         if self.nce_weight > 0:
             # 3. Match: mean of ALL decoder outputs (seen and inpainted) is the branch's descriptor.
             descriptor = h.mean(1)
-            out["nce_loss"] = info_nce(descriptor[:B], descriptor[B:], self.temperature)
+            out["nce_loss"] = info_nce(descriptor[:N], descriptor[N:], self.temperature)
         out["loss"] = self.mim_weight * out["mim_loss"] + self.nce_weight * out["nce_loss"]
         return out
 
     def flops_per_image(self, mask_ratio=0.5):
-        """Training FLOPs per image (forward x 3), for MFU; each branch encodes k = n * (1 - mask_ratio)."""
+        """Training FLOPs per image (forward x 3), for MFU; each branch embeds the image, encodes k of its patches."""
         enc, n = self.encoder, self.encoder.num_patches
         k = round(n * (1 - mask_ratio))
-        fwd = 2 * n * 3 * enc.patch_size**2 * enc.dim + transformer_flops(2 * k, k, enc.dim, enc.depth)
+        fwd = 2 * (2 * n) * 3 * enc.patch_size**2 * enc.dim + transformer_flops(2 * k, k, enc.dim, enc.depth)
         fwd += transformer_flops(2 * n, n, enc.dim, len(self.decoder))
         fwd += 2 * (2 * k) * enc.dim * self.head.out_features if self.mim_weight > 0 else 0
         return 3 * fwd

@@ -8,6 +8,7 @@ Pre-train a ViT with SplitMask (split, inpaint, match) or the BEiT baseline.
 Table 8 of the paper: --method=beit, --nce_weight=0 (split + inpaint), --mim_weight=0 (split + match).
 Relaunching the same command resumes from out_dir; Ctrl-C, SIGTERM and SIGUSR1 save and exit.
 """
+import itertools
 import math
 import os
 import shlex
@@ -107,34 +108,43 @@ def chosen_presets(cfg):
 # -----------------------------------------------------------------------------
 
 def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_size, clip_grad):
-    """One optimizer step over the micro-batches (gradient accumulation). Returns [loss, mim_loss, nce_loss, mim_acc,
-    grad_norm] summed over micro-batches, left on the device: reading it is a host sync, done only at log steps."""
-    stats = 0
-    for i, (images, masks) in enumerate(micro_batches):
+    """One optimizer step over micro-batches of (images, the patches each SplitMask branch sees or BEiT masks): the
+    losses and MIM accuracy averaged over them, and the gradient norm before clipping, left on the device."""
+    stats = dict.fromkeys(("loss", "mim_loss", "nce_loss", "mim_acc"), 0)
+    for i, (images, patches) in enumerate(micro_batches):
         with torch.no_grad():
             tokens = tokenizers.tokenize(images, vocab, patch_size)  # the targets, Eq. 1, in float32
         # DDP averages gradients over processes in the backward of the last micro-batch only
         sync = i == len(micro_batches) - 1 or not isinstance(model, DDP)
         with autocast, (nullcontext() if sync else model.no_sync()):
-            out = model(images, tokens, masks)
+            out = model(images, tokens, patches)
         scaler.scale(out["loss"] / len(micro_batches)).backward()
-        stats = stats + torch.stack([out["loss"], out["mim_loss"], out["nce_loss"], out["mim_acc"]]).detach().float()
+        stats = {key: mean + out[key].detach().float() / len(micro_batches) for key, mean in stats.items()}
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(parameters, clip_grad).detach().float()
     scaler.step(optimizer)  # float16: skipped on every process at once when a gradient overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    # x micro-batches: the caller divides every entry by the micro-batches it summed, the norm included
-    return torch.cat([stats, grad_norm.detach().float().view(1) * len(micro_batches)])
+    return stats
 
 
-def save_picture(path, model, images, masks, vocab, patch_size):
+def on_device(loader, accum_steps, device):
+    """The loader's batches on the device, accum_steps per optimizer step, uint8 images normalised there (a quarter of
+    the host traffic); an incomplete last group is left out."""
+    batches = iter(loader)
+    while len(group := list(itertools.islice(batches, accum_steps))) == accum_steps:
+        yield [(data.normalize(images.to(device, non_blocking=True)), patches.to(device, non_blocking=True))
+               for images, patches, _ in group]
+
+
+def save_picture(path, model, images, patches, vocab, patch_size):
     """Rows: the images, what branch A sees, what B sees, A's inpainting of B, B's of A; predicted words drawn as
     their vocabulary patches, grey where neither branch saw (75% masking). BEiT: images, visible patches, inpainting."""
     from torchvision.utils import make_grid
     with torch.no_grad():
         tokens = tokenizers.tokenize(images, vocab, patch_size)
-        out = model(images, tokens, masks)  # every process runs it (InfoNCE gathers); rank 0 draws
+        out = model(images, tokens, patches)  # every process runs it (InfoNCE gathers); rank 0 draws
     if path is None:
         return
     B, n, grid = images.shape[0], model.encoder.num_patches, model.encoder.grid
@@ -150,15 +160,15 @@ def save_picture(path, model, images, masks, vocab, patch_size):
         return only(seen)[0] + tokenizers.render(words, vocab, grid, patch_size) * scale * only(predicted_at)[1]
 
     rows, names = [images], ["original"]
-    if masks.dim() == 3:  # SplitMask: visible [B, 2, k]
-        a, b = masks[:, 0], masks[:, 1]
+    if patches.dim() == 3:  # SplitMask: the patches each branch sees, [B, 2, k]
+        a, b = patches[:, 0], patches[:, 1]
         rows, names = rows + [only(a)[0], only(b)[0]], names + ["A sees", "B sees"]
         if "pred_ids" in out:  # none when the inpainting head is off (split + match)
             rows += [inpainted(a, b, out["pred_ids"][:B]), inpainted(b, a, out["pred_ids"][B:])]
             names += ["A predicts B", "B predicts A"]
-    else:  # BEiT: masked [B, m]
-        seen = torch.ones(B, n, dtype=torch.bool, device=images.device).scatter_(1, masks, False).nonzero()[:, 1]
-        rows += [only(seen.view(B, -1))[0], inpainted(seen.view(B, -1), masks, out["pred_ids"])]
+    else:  # BEiT: the patches it masks, [B, m]
+        seen = torch.ones(B, n, dtype=torch.bool, device=images.device).scatter_(1, patches, False).nonzero()[:, 1]
+        rows += [only(seen.view(B, -1))[0], inpainted(seen.view(B, -1), patches, out["pred_ids"])]
         names += ["visible", "predicted"]
     picture = torch.cat([data.normalize(r.float().cpu(), undo=True) for r in rows])
     zoom = max(1, 128 // images.shape[-1])  # small images are enlarged so that the patches show
@@ -171,17 +181,22 @@ def save_picture(path, model, images, masks, vocab, patch_size):
     canvas.save(path)
 
 
-def unreadable_files(dataset, few=3):
-    """The names of a few unreadable files of dataset, read again, for the message that stops a run."""
-    names = []
-    for i in range(len(dataset)):
-        try:
-            dataset[i]
-        except (OSError, Image.DecompressionBombError) as e:  # data.read_image's message starts with the file
-            names.append(str(e).split(": ")[0])
-            if len(names) == few:
-                break
-    return names
+def fit_vocabulary(cfg, images, transform, num_patches, device):
+    """Fitted on k patches of each of tokenizer_samples / k seeded training images: every process reads its share and
+    fits the same vocabulary (none waits). Too many unreadable images stop the run here, before training."""
+    per_image = min(num_patches, math.ceil(cfg["tokenizer_samples"] / len(images)))
+    sample = tokenizers.PatchSample(images, transform, cfg["patch_size"], per_image,
+                                    math.ceil(cfg["tokenizer_samples"] / per_image), cfg["seed"])
+    vocab = tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"], sample,
+                                   cfg["tokenizer_samples"], device=device, workers=cfg["workers"])
+    unreadable = torch.tensor(float(sample.unreadable), device=device)
+    if common.WORLD > 1:
+        dist.all_reduce(unreadable)
+    if unreadable > cfg["max_unreadable"] * len(sample):
+        common.fail(f"{int(unreadable)} of the {len(sample)} images the vocabulary pass read are unreadable, such as "
+                    f"{', '.join(sample.unreadable_files())}: fix or remove them, or let the run skip them "
+                    f"with --max_unreadable={math.ceil(100 * unreadable.item() / len(sample)) / 100}")
+    return vocab
 
 
 def main():
@@ -229,7 +244,7 @@ def main():
                   f"{device.type} ({cfg['dtype']}): {len(images)} images, {common.plural(cfg['epochs'], 'epoch')} "
                   f"of {steps_per_epoch} steps, global batch {cfg['batch_size']}")
 
-    # model and optimizer; the run's checkpoint if it has one, else a new vocabulary
+    # model and optimizer, from the run's checkpoint if it has one
     if cfg["method"] == "splitmask":
         model = SplitMask(encoder, cfg["vocab_size"], cfg["decoder_depth"], cfg["mim_weight"], cfg["nce_weight"],
                           cfg["temperature"]).to(device)
@@ -239,21 +254,11 @@ def main():
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=peak_lr, betas=(0.9, cfg["beta2"]),
                                   fused=device.type == "cuda")
     state = common.resume(ckpt_path, cfg, model, optimizer, scaler)
-    if state:
-        step, vocab = state["step"], state["vocab"].to(device)
-    else:  # every process reads its share of a seeded sample of the images, and all fit the same vocabulary
-        per_image = min(encoder.num_patches, math.ceil(cfg["tokenizer_samples"] / len(images)))
-        sample = tokenizers.PatchSample(images, transform, cfg["patch_size"], per_image,
-                                        math.ceil(cfg["tokenizer_samples"] / per_image), cfg["seed"])
-        step, vocab = 0, tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"],
-                                                sample, cfg["tokenizer_samples"], device=device, workers=cfg["workers"])
-        unreadable = torch.tensor(float(sample.unreadable), device=device)  # the pass read images: stop now if need be
-        if world > 1:
-            dist.all_reduce(unreadable)
-        if unreadable > cfg["max_unreadable"] * len(sample):
-            common.fail(f"{int(unreadable)} of the {len(sample)} images the vocabulary pass read are unreadable, such "
-                        f"as {', '.join(unreadable_files(sample.dataset))}: fix or remove them, or let the run skip "
-                        f"them with --max_unreadable={math.ceil(100 * unreadable.item() / len(sample)) / 100}")
+    step = state["step"] if state else 0
+
+    # the targets (Sec. 4, Table 2): visual words of a vocabulary fitted on patches of the training images; a
+    # resumed run keeps the one it saved
+    vocab = state["vocab"].to(device) if state else fit_vocabulary(cfg, images, transform, encoder.num_patches, device)
     # what to run next, on the same data: the probes where there are labels, else the export
     ckpt, timm_file = shlex.quote(ckpt_path), shlex.quote(os.path.join(cfg["out_dir"], "vit_timm.pth"))
     next_step = f"next: python probe.py --init={ckpt}{data.same_data(cfg, given)}" if len(images.classes) > 1 else (
@@ -272,51 +277,49 @@ def main():
     def checkpoint():  # a collective: every process's RNG state goes in
         common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
 
+    def log_step(epoch, lr, sums, steps, seconds):
+        """Means over the steps since the last log and over the processes (the one host sync: every process learns of
+        bad images and non-finite losses), checked, logged and printed."""
+        totals = torch.stack([*sums.values(), torch.tensor(float(train_set.unreadable), device=device)])
+        if world > 1:
+            dist.all_reduce(totals)
+        means, unreadable = dict(zip(sums, (totals[:-1] / (steps * world)).tolist())), int(totals[-1])
+        common.check_health(cfg, step, list(means.values()), scaler, unreadable, len(images), epoch)
+        img_s = steps * cfg["batch_size"] / seconds
+        row = dict(step=step, epoch=epoch, lr=lr, **means, img_s=img_s, unreadable=unreadable,
+                   mfu=img_s * flops_per_image / world / peak_flops)
+        common.log(cfg, row)
+        if common.MASTER:  # a plain line per log step, what a log file keeps (the bar is drawn on a terminal only)
+            bar.write(f"step {step}/{total_steps} | loss {means['loss']:.3f} (mim {means['mim_loss']:.3f}, nce "
+                      f"{means['nce_loss']:.3f}) | mim acc {means['mim_acc']:.3f} | {img_s:.0f} img/s | MFU "
+                      f"{row['mfu']:.1%} of {peak_flops / 1e12:.3g} TFLOP/s")
+        if unreadable and step % steps_per_epoch == 0:
+            common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch}")
+
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     bar = tqdm(total=total_steps, initial=step, disable=None if common.MASTER else True, dynamic_ncols=True)
-    picture_batch = None
-    stop.training = True
+    picture_batch, stop.training = None, True
     while step < total_steps:
         epoch = step // steps_per_epoch
         data.set_epoch(loader, epoch, skip_batches=(step % steps_per_epoch) * cfg["accum_steps"])
         train_model.train()
-        sums, count, tick, batches = 0, 0, time.perf_counter(), iter(loader)
-        for _ in range(step % steps_per_epoch, steps_per_epoch):
+        sums, steps, tick = {}, 0, time.perf_counter()
+        for micro_batches in on_device(loader, cfg["accum_steps"], device):
             lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
-            # uint8 images from the loader, normalised here on the device: a quarter of the host traffic
-            micro_batches = [(data.normalize(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
-                             for images, masks, _ in (next(batches) for _ in range(cfg["accum_steps"]))]
+            stats = train_step(train_model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"],
+                               cfg["clip_grad"])
+            sums, steps, step = {key: sums.get(key, 0) + value for key, value in stats.items()}, steps + 1, step + 1
+            bar.update(1)
             if picture_batch is None:
                 picture_batch = [t[:8].clone() for t in micro_batches[0]]  # a copy: a view would keep the batch
-            sums = sums + train_step(train_model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"],
-                                     cfg["clip_grad"])
-            count, step = count + cfg["accum_steps"], step + 1
-            bar.update(1)
             stopping = stop()  # asked after every step, so that a signal stops the run within one step
-            if step % cfg["log_every"] and step % steps_per_epoch and not stopping:
-                continue
-            # a log step: the one host sync, where every process learns of bad images and non-finite losses
-            totals = torch.cat([sums, torch.tensor([float(train_set.unreadable)], device=device)])
-            if world > 1:
-                dist.all_reduce(totals)
-            avg, unreadable = (totals[:5] / (count * world)).tolist(), int(totals[5])
-            common.check_health(cfg, step, avg, scaler, unreadable, len(images), epoch)
-            img_s = count * micro_batch * world / (time.perf_counter() - tick)
-            row = dict(step=step, epoch=epoch, lr=lr, loss=avg[0], mim_loss=avg[1], nce_loss=avg[2], mim_acc=avg[3],
-                       grad_norm=avg[4], img_s=img_s, mfu=img_s * flops_per_image / world / peak_flops,
-                       unreadable=unreadable)
-            if common.MASTER:  # a plain line per log step, what a log file keeps (the bar is drawn on a terminal only)
-                bar.write(f"step {step}/{total_steps} | loss {avg[0]:.3f} (mim {avg[1]:.3f}, nce {avg[2]:.3f}) | "
-                          f"mim acc {avg[3]:.3f} | {img_s:.0f} img/s | MFU {row['mfu']:.1%} of "
-                          f"{peak_flops / 1e12:.3g} TFLOP/s")
-            common.log(cfg, row)
-            sums, count, tick = 0, 0, time.perf_counter()
-            if stopping and step % steps_per_epoch:  # at the end of an epoch, the epoch ends first
+            if step % cfg["log_every"] == 0 or step % steps_per_epoch == 0 or stopping:
+                log_step(epoch, lr, sums, steps, time.perf_counter() - tick)
+                sums, steps, tick = {}, 0, time.perf_counter()
+            if stopping and step % steps_per_epoch:  # mid-epoch: save now (at an epoch's end, the epoch ends first)
                 checkpoint()
                 stop.exit(ckpt_path, step)
         epoch += 1
-        if unreadable:
-            common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch - 1}")
         if epoch % cfg["save_every"] == 0 or step == total_steps or stopping:
             checkpoint()
         if epoch * cfg["pictures"] // cfg["epochs"] > (epoch - 1) * cfg["pictures"] // cfg["epochs"]:

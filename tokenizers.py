@@ -7,6 +7,7 @@ vocabularies needing no such training as good on iNat-19 (DALL-E 75.2; random pr
 """
 import numpy as np
 import torch
+from PIL import Image
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -112,6 +113,18 @@ class PatchSample(data.Augmented):
         patches = tokenizer_patches(data.normalize(image[None]), self.patch_size)[0]  # [n, dim], n grid cells
         pick = np.random.default_rng(self.sample_seed(i)).permutation(len(patches))[:self.per_image]
         return patches[torch.from_numpy(pick)], i
+
+    def unreadable_files(self, few=3):
+        """The names of a few of its unreadable images, read again: for the message that stops a run."""
+        names = []
+        for i in range(len(self.dataset)):
+            try:
+                self.dataset[i]
+            except (OSError, Image.DecompressionBombError) as e:  # data.read_image's message starts with the file
+                names.append(str(e).split(": ")[0])
+                if len(names) == few:
+                    break
+        return names
 
 
 def sample_patches(sample, num_patches, workers=0, device="cpu"):
