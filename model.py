@@ -20,8 +20,7 @@ def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch of some samples (and rescale the rest)."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
+    return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - p) / (1.0 - p)  # a kept sample's branch is rescaled
 
 
 class Attention(nn.Module):
@@ -66,8 +65,7 @@ def init_weights(module):
             nn.init.zeros_(p)
 
 
-def gather_tokens(x, index):
-    """x [B, n, D], index [B, k] -> the k tokens of each sequence named by index, [B, k, D]."""
+def gather_tokens(x, index):  # x [B, n, D], index [B, k] -> the k tokens of each sequence named by index, [B, k, D]
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
@@ -95,16 +93,13 @@ class ViT(nn.Module):
         """Run the blocks and final norm on token sequences [B, k, D] (any k <= n)."""
         layers = []
         for block in self.blocks:
-            x = block(x)
-            layers.append(x)
+            layers.append(x := block(x))
         return [self.norm(h) for h in layers] if all_layers else self.norm(x)
 
     def forward(self, images, keep=None, all_layers=False):
         """Encode images; with keep [B, k] only those patches are encoded (MAE-style, no mask tokens)."""
         x = self.patchify(images) + self.pos_embed
-        if keep is not None:
-            x = gather_tokens(x, keep)
-        return self.forward_tokens(x, all_layers)
+        return self.forward_tokens(x if keep is None else gather_tokens(x, keep), all_layers)
 
 
 def transformer_flops(tokens, seq_len, dim, depth):
@@ -226,18 +221,18 @@ def load_encoder(encoder, state_dict):
 
 
 def encoder_weights(cfg, given, path):
-    """A checkpoint describes its encoder: --model, --img_size and --patch_size come from its config unless given as
-    flags. Returns its weights; refuses a model it cannot fill, naming both."""
+    """A checkpoint describes its encoder: --model, --img_size, --patch_size come from it unless given; its weights."""
     saved = common.load(path)
-    cfg.update({key: saved["config"][key] for key in ("model", "img_size", "patch_size") if key not in given})
-    cfg["init_modified"] = time.ctime(os.path.getmtime(path))  # a resume refuses a checkpoint rewritten since
     model, patch, size = (saved["config"][key] for key in ("model", "patch_size", "img_size"))
+    cfg.update({k: v for k, v in dict(model=model, patch_size=patch, img_size=size).items() if k not in given})
+    cfg["init_modified"] = time.ctime(os.path.getmtime(path))  # a resume refuses a checkpoint rewritten since
     if (cfg["model"], cfg["patch_size"]) != (model, patch):
-        common.fail(f"--init={path} does not fit --model={cfg['model']} --patch_size={cfg['patch_size']}: it holds a "
-             f"ViT-{model}/{patch}; drop those flags (they come from the checkpoint)")
+        common.fail(f"--init={path} does not fit --model={cfg['model']} --patch_size={cfg['patch_size']}: it holds "
+                    f"a ViT-{model}/{patch}; drop those flags (they come from the checkpoint)")
     if cfg["img_size"] != size:
-        common.print0(f"--img_size={cfg['img_size']}: the checkpoint was trained at {size} px; its position embeddings "
-               f"are resized from a {size // patch}x{size // patch} to a {cfg['img_size'] // patch}^2 grid")
+        old, new = size // patch, cfg["img_size"] // patch
+        common.print0(f"--img_size={new * patch}: the checkpoint was trained at {size} px; its position embeddings "
+                      f"are resized from a {old}x{old} to a {new}^2 grid")
     return saved["model"]
 
 
@@ -259,32 +254,38 @@ def param_groups(model, weight_decay, layer_decay=1.0):
     return list(groups.values())
 
 
-# ------------------------------ InfoNCE
+# ------------------------------ InfoNCE (Sec. 3, "match")
 def info_nce_reference(xa, xb, temperature=0.2):
-    """The readable definition (one process): -log softmax_b(x_a.x_b / t) at the positive, averaged both ways."""
+    """The definition, in plain PyTorch (one process); read this first. S = a @ b.T / t holds every pair's
+    similarity, S_ii image i's positive: loss = 1/2 (mean_i [lse_j S_ij - S_ii] + mean_j [lse_i S_ij - S_jj]), lse
+    the log-sum-exp. Its gradient: dL/dS = (softmax of each row + softmax of each column - 2 I) / 2N."""
     a, b = F.normalize(xa.float(), dim=-1), F.normalize(xb.float(), dim=-1)
     logits = a @ b.T / temperature
     labels = torch.arange(len(a), device=a.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
+# The fused path: the same loss and gradient without holding S (N x N, 4 GB at N = 32768, kept twice by autograd).
+# Forward keeps each row's and column's lse; backward makes S again a tile of rows at a time for the softmaxes.
+# bench.py: less memory from N = 1024, less time only from N = 16384 (tiles cost 7-30% on a CPU below that).
 def _tiled_lse(x, y, temperature, tile):
-    """Row and column log-sum-exp of S = x @ y.T / t, computed tile by tile: at most tile x len(y) alive."""
+    """lse_j S_ij (rows) and lse_i S_ij (columns) of S = x @ y.T / t, one tile of rows of S alive at a time."""
     rows = torch.empty(x.shape[0], device=x.device)
     cols = torch.full((y.shape[0],), -math.inf, device=x.device)
     for start in range(0, x.shape[0], tile):
         s = (x[start : start + tile] @ y.T).div_(temperature)
         rows[start : start + tile] = s.logsumexp(1)
-        cols = torch.logaddexp(cols, s.logsumexp(0))
+        cols = torch.logaddexp(cols, s.logsumexp(0))  # a column's lse, accumulated over the tiles of rows
     return rows, cols
 
 
 def _tiled_softmax_grads(x, y, row_lse, col_lse, temperature, tile, scale):
-    """Gradients for x, y of scale * (sum(row_lse) + sum(col_lse)): d lse / d S is the softmax, recomputed per tile."""
+    """dL/dx, dL/dy for L = scale * (sum of the row lse + sum of the column lse) of S = x @ y.T / t:
+    dL/dS = scale * (row softmax + column softmax), and dS/dx = y / t, dS/dy = x / t (chain rule, tile by tile)."""
     gx, gy = torch.zeros_like(x), torch.zeros_like(y)
     for start in range(0, x.shape[0], tile):
         s = (x[start : start + tile] @ y.T).div_(temperature)
-        # the softmax of each direction, in place where it can be: at most two tiles are alive
+        # softmax = exp(S - lse), in place where it can be: at most two tiles are alive
         p = (s - row_lse[start : start + tile, None]).exp_() if row_lse is not None else None
         if col_lse is not None:
             column_softmax = s.sub_(col_lse[None, :]).exp_()
@@ -296,15 +297,14 @@ def _tiled_softmax_grads(x, y, row_lse, col_lse, temperature, tile, scale):
 
 
 class _FusedInfoNCE(torch.autograd.Function):
-    """Symmetric InfoNCE on unit vectors a, b [B, D] of this process; a_all, b_all [G, D] those of the global batch
-    (None in one process). Direction a->b uses this process's rows of S = a_all @ b_all.T / t, b->a its columns, so
-    the mean over processes is the global loss. Saved for backward: a log-sum-exp per row and column, never S."""
+    """info_nce_reference of unit vectors a, b [N, D]; a_all, b_all [G, D]: the global batch's (None in one process).
+    a->b takes this process's rows of S = a_all @ b_all.T / t, b->a its columns: their mean is the global loss."""
     @staticmethod
     def forward(ctx, a, b, a_all, b_all, temperature, tile):
-        row_lse, col_lse = _tiled_lse(a, b if b_all is None else b_all, temperature, tile)
+        row_lse, col_lse = _tiled_lse(a, b if b_all is None else b_all, temperature, tile)  # lse_j S_ij
         if a_all is not None:  # several processes: this process's columns of S run over the gathered a
-            _, col_lse = _tiled_lse(a_all, b, temperature, tile)
-        positive = (a * b).sum(1) / temperature
+            _, col_lse = _tiled_lse(a_all, b, temperature, tile)  # lse_i S_ij
+        positive = (a * b).sum(1) / temperature  # S_ii
         ctx.save_for_backward(a, b, a_all, b_all, row_lse, col_lse)
         ctx.temperature, ctx.tile = temperature, tile
         return 0.5 * ((row_lse - positive).mean() + (col_lse - positive).mean())
@@ -312,14 +312,14 @@ class _FusedInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b, a_all, b_all, row_lse, col_lse = ctx.saved_tensors
-        t, tile, scale = ctx.temperature, ctx.tile, grad / (2 * a.shape[0])
+        t, tile, scale = ctx.temperature, ctx.tile, grad / (2 * a.shape[0])  # the 1/2N of dL/dS
         if a_all is None:  # (backward runs outside autocast: the engine does not re-enter it)
             ga, gb = _tiled_softmax_grads(a, b, row_lse, col_lse, t, tile, scale)
             ga_all = gb_all = None
-        else:
+        else:  # rows against the gathered b, columns against the gathered a; _GatherWithGrad sums the rest
             ga, gb_all = _tiled_softmax_grads(a, b_all, row_lse, None, t, tile, scale)
             ga_all, gb = _tiled_softmax_grads(a_all, b, None, col_lse, t, tile, scale)
-        ga -= 2 * scale * b / t  # the positive term, -2 * a.b / t per local pair
+        ga -= 2 * scale * b / t  # the -2I of dL/dS: the positive S_ii = a_i.b_i / t, once per direction
         gb -= 2 * scale * a / t
         return ga, gb, ga_all, gb_all, None, None
 
