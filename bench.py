@@ -8,8 +8,8 @@ Speed of the real training step, as ratios measured in one run (they hold on noi
 Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MFU against a dense
 matmul (and pretrain.py's denominator, a spec sheet, on known GPUs), with peak GPU memory; SplitMask vs
 BEiT (time ratio next to FLOP ratio); our ViT vs a stack of nn.TransformerEncoderLayer; fused vs naive
-InfoNCE (time, peak memory); tokenization as a share of the step; probe.py's linear probes and k-NN on
-synthetic features of ImageNet size; our loader against the plain torchvision pipeline per worker, and
+InfoNCE (time, peak memory); tokenization's share of the step and the monitor's of an epoch; probe.py's
+linear probes and k-NN on synthetic features of ImageNet size; our loader against the plain torchvision pipeline per worker, and
 the workers the step needs. The calls a ratio compares take turns, round after round, and each time is
 the fastest of its rounds (a busy machine only ever adds time). Writes out/bench.json too.
 """
@@ -172,7 +172,8 @@ def nce_rows(sizes, dim, device):
 def probe_rows(spec, device, classes=100):
     """probe.py's stage on synthetic float16 features (class centres plus noise): memory, one epoch of the linear
     probes on every block, k-NN of 1,000 queries on one block. Returns (bytes, seconds, seconds)."""
-    from probe import knn_accuracy, train_linear_probes
+    from features import knn_accuracy
+    from probe import train_linear_probes
     N, L, D = map(int, spec.split(","))
     g, labels = torch.Generator().manual_seed(0), torch.arange(N) % classes
     centres, features = torch.randn(classes, L, D, generator=g), torch.empty(N, L, D, dtype=torch.float16)
@@ -250,7 +251,14 @@ def main():
     vocab = tokenizers.random_projection_vocab(cfg["vocab_size"], 3 * (cfg["patch_size"] // 2) ** 2, seed=0).to(device)
     (splitmask, f_split), (beit, f_beit) = (training_step(cfg, device, autocast, method, images, vocab)
                                             for method in ("splitmask", "beit"))
-    t = seconds_per_call(dict(matmul=lambda: a @ a, splitmask=splitmask, beit=beit,
+    encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"]).to(device).eval()
+
+    @torch.no_grad()
+    def monitor_batch():  # features.Monitor's pass on a batch: every block's mean-pooled tokens
+        with autocast:
+            return torch.stack([h.mean(1) for h in encoder(images, all_layers=True)], 1)
+
+    t = seconds_per_call(dict(matmul=lambda: a @ a, splitmask=splitmask, beit=beit, monitor=monitor_batch,
                               tokenize=lambda: tokenizers.tokenize(images, vocab, cfg["patch_size"])),
                          device, cfg["warmup"], cfg["steps"])
     matmul, t_split, t_beit = 2 * size**3 / t["matmul"], t["splitmask"], t["beit"]
@@ -269,6 +277,14 @@ def main():
         f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
     row("tokenization share of the step", f"{t['tokenize'] / t_split:.2%}",
         f"{t['tokenize'] * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
+    # the monitor's share of an epoch, at its default size: a twentieth of the training images of each split (200 to
+    # 5,000), labelled sets encoding both splits; an epoch trains on its full batches (small sets at batch 2048 drop one)
+    for name, epoch_images, monitored in [("quick recipe, 10,000 images", 10_000, 2 * 500),
+                                          ("paper, ImageNet (1.28M images)", 1_281_167, 2 * 5000),
+                                          ("paper, Stanford Cars (8,144 images)", 8144 // 2048 * 2048, 2 * 407),
+                                          ("paper, ADE20k (20,210, unlabelled)", 20_210 // 2048 * 2048, 1010)]:
+        share = monitored * t["monitor"] / (epoch_images * t_split)
+        row(f"monitor / epoch: {name}", f"{share:.1%}", f"{monitored} images encoded each epoch (at most 5%)")
     ours, reference = vit_fwd_bwd(cfg, device, autocast)
     t = seconds_per_call(dict(ours=ours, reference=reference), device, cfg["warmup"], cfg["steps"])
     row("our ViT / nn.TransformerEncoderLayer", f"{t['ours'] / t['reference']:.2f}x",

@@ -21,7 +21,7 @@ CHOICES = dict(recipe=("quick", "paper"), device=("auto", "cpu", "cuda"),
                dtype=("auto", "bfloat16", "float16", "float32"))
 # Settings a run may change when it resumes; any other change needs --override_config=True.
 FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "pictures", "compile", "device", "dtype",
-                  "max_unreadable", "override_config")
+                  "max_unreadable", "override_config", "monitor", "monitor_images")
 
 
 def print0(*args, **kwargs):
@@ -256,7 +256,7 @@ def resume(path, cfg, model, optimizer, scaler):
     """Continue the run in cfg["out_dir"] if it has a checkpoint: model, optimizer, scaler and this
     process's RNG streams. Refuses other settings, naming them. Returns the checkpoint, or None."""
     state = load(path) if os.path.exists(path) else None
-    last_step = state["step"] if state else 0  # no checkpoint: a new run, from step 0
+    last_step = state["step"] if state else -1  # no checkpoint: a new run, whose log keeps no step (0 included)
     changed = {k: (state["config"].get(k), v) for k, v in cfg.items()
                if k not in FREE_TO_CHANGE and state["config"].get(k) != v} if state else {}
     if state:  # weights of another shape (--model, --patch_size, --img_size, --vocab_size...) cannot resume at all
@@ -275,7 +275,7 @@ def resume(path, cfg, model, optimizer, scaler):
     log_path = os.path.join(cfg["out_dir"], "log.jsonl")
     if MASTER and os.path.exists(log_path):  # rows logged after the checkpoint come again (and a half-written one)
         with open(log_path) as f:
-            rows = [row for row in f if row.endswith("\n") and json.loads(row).get("step", 0) <= last_step]
+            rows = [row for row in f if row.endswith("\n") and json.loads(row).get("step", -1) <= last_step]
         with open(log_path + ".tmp", "w") as f:
             f.writelines(rows)
         os.replace(log_path + ".tmp", log_path)  # atomic, as checkpoints

@@ -237,10 +237,10 @@ def finetune_transform(img_size, randaug_magnitude=9, color_jitter=0.4, erase_pr
         v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD), v2.RandomErasing(erase_prob)])
 
 
-def eval_transform(img_size, crop_ratio=0.875):
-    """Resize the short side to img_size / crop_ratio (256 for 224), then take the centre crop."""
-    return v2.Compose([v2.Resize(int(img_size / crop_ratio), interpolation=BICUBIC, antialias=True),
-                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+def eval_transform(img_size, crop_ratio=0.875, normalized=True):
+    """Resize the short side to img_size / crop_ratio (256 for 224), then the centre crop (normalized=False: uint8)."""
+    crop = [v2.Resize(int(img_size / crop_ratio), interpolation=BICUBIC, antialias=True), v2.CenterCrop(img_size)]
+    return v2.Compose(crop + ([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)] if normalized else []))
 
 
 def normalize(images, undo=False):

@@ -136,10 +136,9 @@ def main():
     augment = data.finetune_transform(cfg["img_size"], cfg["randaug"], cfg["color_jitter"], cfg["erase_prob"])
     train_set = data.Augmented(train_images, augment, cfg["seed"])
     val_set = data.Augmented(val_images, data.eval_transform(cfg["img_size"], cfg["crop_ratio"]))
-    loader = data.make_loader(train_set, cfg["batch_size"] // world, train=True, workers=cfg["workers"],
-                              seed=cfg["seed"], pin=device.type == "cuda")
-    val_loader = data.make_loader(val_set, cfg["batch_size"] // world, train=False, workers=cfg["workers"],
-                                  pin=device.type == "cuda")
+    cuda, per_process = device.type == "cuda", cfg["batch_size"] // world
+    loader = data.make_loader(train_set, per_process, train=True, workers=cfg["workers"], seed=cfg["seed"], pin=cuda)
+    val_loader = data.make_loader(val_set, per_process, train=False, workers=cfg["workers"], pin=cuda)
     mix = mixing(cfg["mixup"], cfg["cutmix"], num_classes)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -152,8 +151,7 @@ def main():
         load_encoder(model.encoder, pretrained)
     model.to(device)
     peak_lr = cfg["blr"] * cfg["batch_size"] / 1024
-    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["layer_decay"]), lr=peak_lr,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["layer_decay"]), lr=peak_lr, fused=cuda)
     state = common.resume(ckpt_path, cfg, model, optimizer, scaler)
     step, best = (state["step"], state["best_top1"]) if state else (0, 0.0)
     best_path = os.path.join(cfg["out_dir"], "best.pt")

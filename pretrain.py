@@ -24,6 +24,7 @@ from tqdm import tqdm
 import common
 import data
 import tokenizers
+from features import Monitor
 from model import VIT_SIZES, BEiT, SplitMask, ViT, param_groups
 
 # -----------------------------------------------------------------------------
@@ -75,6 +76,8 @@ config = dict(
     log_every=10,  # steps between log lines
     save_every=1,  # epochs between checkpoints
     pictures=4,  # inpainting pictures per run, spread over the epochs (0: none)
+    monitor=True,  # k-NN accuracy (labelled sets) and RankMe of the features, before training and after every epoch
+    monitor_images=0,  # images of each split the monitor encodes; 0: a twentieth of the training set, 200 to 5000
     max_unreadable=0.01,  # share of unreadable images an epoch may skip before the run stops
     override_config=False,  # resume out_dir even though settings changed
 )
@@ -140,7 +143,7 @@ def on_device(loader, accum_steps, device):
 
 def save_picture(path, model, images, patches, vocab, patch_size):
     """Rows: the images, what branch A sees, what B sees, A's inpainting of B, B's of A; predicted words drawn as
-    their vocabulary patches, grey where neither branch saw (75% masking). BEiT: images, visible patches, inpainting."""
+    their vocabulary patches, grey where neither branch saw (75% masking). BEiT: images, visible patches, predicted."""
     from torchvision.utils import make_grid
     with torch.no_grad():
         tokens = tokenizers.tokenize(images, vocab, patch_size)
@@ -214,6 +217,8 @@ def main():
         (cfg["method"] == "beit" or cfg["mask_ratio"] >= 0.5,
          f"--mask_ratio={cfg['mask_ratio']}: SplitMask's two disjoint subsets need at least 0.5"),
         (cfg["temperature"] > 0, f"--temperature={cfg['temperature']} must be positive"),
+        (cfg["monitor_images"] == 0 or cfg["monitor_images"] > 1,
+         f"--monitor_images={cfg['monitor_images']} must be 0 (a share of the training set) or more than 1"),
         (cfg["vocab_size"] >= 2, f"--vocab_size={cfg['vocab_size']} must be at least 2"),
         (cfg["tokenizer"] == "random_projection" or cfg["tokenizer_samples"] >= cfg["vocab_size"],
          f"--tokenizer_samples={cfg['tokenizer_samples']} must be at least --vocab_size={cfg['vocab_size']}"),
@@ -245,11 +250,9 @@ def main():
                   f"of {steps_per_epoch} steps, global batch {cfg['batch_size']}")
 
     # model and optimizer, from the run's checkpoint if it has one
-    if cfg["method"] == "splitmask":
-        model = SplitMask(encoder, cfg["vocab_size"], cfg["decoder_depth"], cfg["mim_weight"], cfg["nce_weight"],
-                          cfg["temperature"]).to(device)
-    else:
-        model = BEiT(encoder, cfg["vocab_size"]).to(device)
+    model = SplitMask(encoder, cfg["vocab_size"], cfg["decoder_depth"], cfg["mim_weight"], cfg["nce_weight"],
+                      cfg["temperature"]) if cfg["method"] == "splitmask" else BEiT(encoder, cfg["vocab_size"])
+    model.to(device)
     peak_lr = cfg["blr"] * cfg["batch_size"] / 2048
     optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=peak_lr, betas=(0.9, cfg["beta2"]),
                                   fused=device.type == "cuda")
@@ -274,8 +277,13 @@ def main():
     common.log(cfg, {"config": cfg, "world": world, "params": sum(p.numel() for p in model.parameters()),
                      "peak_flops": peak_flops, "peak_source": peak_source})
 
+    monitor = Monitor(cfg, model.encoder, len(images), micro_batch, device, state) if cfg["monitor"] else None
+    if monitor and step == 0:  # the representation at random init: the first point of its curves
+        common.log(cfg, monitor(0, step, autocast))
+
     def checkpoint():  # a collective: every process's RNG state goes in
-        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu())
+        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu(),
+                        monitor=monitor.history if monitor else [])
 
     def log_step(epoch, lr, sums, steps, seconds):
         """Means over the steps since the last log and over the processes (the one host sync: every process learns of
@@ -320,6 +328,8 @@ def main():
                 checkpoint()
                 stop.exit(ckpt_path, step)
         epoch += 1
+        if monitor:  # logged before the checkpoint: a run killed in between logs this epoch again, after its resume
+            common.log(cfg, monitor(epoch, step, autocast))
         if epoch % cfg["save_every"] == 0 or step == total_steps or stopping:
             checkpoint()
         if epoch * cfg["pictures"] // cfg["epochs"] > (epoch - 1) * cfg["pictures"] // cfg["epochs"]:
@@ -331,9 +341,9 @@ def main():
             stop.exit(ckpt_path, step)
     bar.close()
     drawn = min(cfg["pictures"], cfg["epochs"])  # by the schedule: before a resume too
-    common.print0(f"done: checkpoint {ckpt_path}, log {cfg['out_dir']}/log.jsonl"
-                  + (f", {common.plural(drawn, 'picture')} {cfg['out_dir']}/inpaint_*.png" if drawn else "")
-                  + f"\n{next_step}")
+    pictures = f", {common.plural(drawn, 'picture')} {cfg['out_dir']}/inpaint_*.png" if drawn else ""
+    curves = f"; the monitor's curves: python report.py --folder={shlex.quote(cfg['out_dir'])}" if monitor else ""
+    common.print0(f"done: checkpoint {ckpt_path}, log {cfg['out_dir']}/log.jsonl{pictures}{curves}\n{next_step}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import common
 import data
+from features import extract_features, knn_accuracy, my_share
 from model import VIT_SIZES, ViT, encoder_weights, load_encoder
 
 # -----------------------------------------------------------------------------
@@ -58,40 +59,6 @@ PRESETS = {**{f"{name}/quick": dict(QUICK, fraction=data.QUICK_FRACTION[name], *
            **{f"{name}/paper": dict(PAPER, **(CIFAR if "cifar" in name else {})) for name in data.DATASETS[1:]}}
 
 
-def to_rank0(batch):
-    """[B, ...] on every process -> their [world * B, ...] on rank 0, process after process (None elsewhere)."""
-    if common.WORLD == 1:
-        return batch
-    parts = [torch.empty_like(batch) for _ in range(common.WORLD)] if common.MASTER else None
-    dist.gather(batch, parts, dst=0)
-    return torch.cat(parts) if common.MASTER else None
-
-
-@torch.no_grad()
-def extract_features(encoder, dataset, blocks, batch_size, workers, device, store):
-    """[N, len(blocks), D] float16 mean-pooled tokens of the given blocks (0-based; after the final norm) in memory
-    of `store`, and [N] labels, on rank 0 (None elsewhere). Under torchrun each process encodes every world-th image
-    from its rank (equal shares: the last images wrap around) and sends rank 0 each batch."""
-    world, rank, num_images = common.WORLD, common.RANK, len(dataset)
-    share = math.ceil(num_images / world)
-    mine = [(rank + world * j) % num_images for j in range(share)]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-    features = labels = None
-    if rank == 0:  # every image's features, on rank 0 alone
-        features = torch.empty(num_images, len(blocks), encoder.dim, dtype=torch.float16, device=store)
-        labels = torch.empty(num_images, dtype=torch.long)
-    batches = tqdm(loader, desc="features", disable=None if rank == 0 else True)  # tqdm's None: on a terminal only
-    for start, (images, y) in zip(range(0, share, batch_size), batches):
-        layers = encoder(images.to(device, non_blocking=True), all_layers=True)
-        batch = to_rank0(torch.stack([layers[b].float().mean(1) for b in blocks], 1).half())
-        y = to_rank0(y.to(device))
-        if rank == 0:  # process r encoded images r + world * j, for the j of this batch
-            rows = ((torch.arange(start, start + len(images)) * world + torch.arange(world)[:, None]) % num_images)
-            features[rows.flatten().to(store)], labels[rows.flatten()] = batch.to(store), y.cpu()
-    return features, labels
-
-
 def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, seed):
     """One BatchNorm (no affine) + linear classifier per layer, trained together on train_x's device. Returns
     the function that predicts the class at every layer: [N, L, D] features -> [N, L] classes."""
@@ -118,19 +85,6 @@ def train_linear_probes(train_x, train_y, num_classes, epochs, lr, batch_size, s
             schedule.step()
     norm.eval()
     return torch.no_grad()(lambda x: torch.cat([logits(chunk).argmax(-1) for chunk in x.split(4096)]))
-
-
-def knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k=20, temperature=0.07):
-    """Cosine k-NN with votes weighted by exp(similarity / t) (Wu et al. 2018, as in DINO), in float32 on
-    train_x's device. Returns %."""
-    train_x, test_x = F.normalize(train_x.float(), dim=-1), F.normalize(test_x.float(), dim=-1)
-    rows, correct = max(1, 2**28 // len(train_x)), 0  # queries at a time: at most 256M similarities (1 GiB)
-    for start in range(0, len(test_x), rows):
-        sim, idx = (test_x[start : start + rows] @ train_x.T).topk(min(k, len(train_x)), dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == test_y[start : start + rows]).sum()
-    return 100.0 * float(correct) / len(test_x)
 
 
 def probe_blocks(train, val, num_classes, cfg, device, at_once):
@@ -208,12 +162,12 @@ def main():
     if common.WORLD > 1:
         dist.broadcast_object_list(cached, src=0)  # rank 0's cache decides for all (an out_dir may not be shared)
     if not cached[0]:
-        feats, transform = {"key": key}, data.eval_transform(cfg["img_size"], cfg["crop_ratio"])
-        for split, dataset in images.items():
+        feats, transform = {"key": key}, data.eval_transform(cfg["img_size"], cfg["crop_ratio"], normalized=False)
+        for split, dataset in images.items():  # uint8 crops, normalised on the device (a quarter of the traffic)
+            batches = my_share(data.Augmented(dataset, transform), cfg["batch_size"], cfg["workers"], device)
             with autocast:
-                features = extract_features(encoder, data.Augmented(dataset, transform), blocks, cfg["batch_size"],
-                                            cfg["workers"], device, store)
-            feats[split], feats[f"{split}_labels"] = features
+                feats[split], feats[f"{split}_labels"] = extract_features(encoder, batches, len(dataset), blocks,
+                                                                          device, store)
         if common.MASTER:
             common.save(cache, {k: v.cpu() if torch.is_tensor(v) else v for k, v in feats.items()})  # atomic
     if not common.MASTER:

@@ -1,12 +1,14 @@
 """
 The table and per-block plot of probe.py's results: one run's folder, or a folder of runs, one per row (with
-pretrain.py's and finetune.py's logs where they exist). `make exp-cifar10` ends with it; probe.py's done line
-names it.
+pretrain.py's and finetune.py's logs where they exist); and the pre-training monitor's k-NN and RankMe by epoch.
+`make exp-cifar10` ends with it; probe.py's and pretrain.py's done lines name it.
 
-    python report.py --folder=out/exp/cifar10     # prints the table; writes report.json and probe_by_block.png
+    python report.py --folder=out/exp/cifar10    # the tables; report.json, probe_by_block.png, monitor.png
     python report.py --folder=out/pretrain/ckpt_probe    # one probe.py run, as its done line says
+    python report.py --folder=out/pretrain        # one pre-training run: the monitor's table and monitor.png
 """
 import json
+import math
 import os
 
 from PIL import Image, ImageDraw
@@ -14,35 +16,40 @@ from PIL import Image, ImageDraw
 import common
 
 config = dict(
-    folder="",  # probe.py's output folder, or a folder above several (make exp-*: <row>/{pretrain,probe,finetune}/)
+    folder="",  # probe.py's or pretrain.py's output folder, or one above several (make exp-*: <row>/{pretrain,probe}/)
 )
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def plot(path, curves, title):
-    """A minimal line plot (accuracy vs layer) drawn with PIL, so no plotting library is needed."""
+def plot(curves, title, x_name="block", first_x=1, unit="%"):
+    """A minimal line plot drawn with PIL, so no plotting library is needed: curves {name: [y at x = first_x, ...]}."""
     W, H, pad, legend = 800, 400, 50, 160  # the legend gets its own column, right of the curves
     right = W - pad - legend
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
-    L = len(next(iter(curves.values())))
+    L = max(map(len, curves.values()))
     values = [v for curve in curves.values() for v in curve]
-    high = min(100, 10 * int(max(values) // 10) + 10)
-    low = min(10 * int(min(values) // 10), high - 10)  # the decades in use, at least one
-    def to_xy(i, acc):
-        return pad + i * (right - pad) / max(1, L - 1), H - pad - (acc - low) / (high - low) * (H - 2 * pad)
+    span = max(max(values) - min(values), 1.0)
+    step = 10 ** math.floor(math.log10(span))
+    step = step / 5 if span / step < 3 else step  # at least three lines of the grid
+    low = step * math.floor(min(values) / step)
+    high = max(step * math.ceil(max(values) / step), low + step)
 
-    for acc in range(low, high + 1, 10):
-        draw.line([to_xy(0, acc), to_xy(L - 1, acc)], fill=(225, 225, 225))
-        draw.text((8, to_xy(0, acc)[1] - 6), f"{acc}%", fill="black")
-    for i in range(L):
-        draw.text((to_xy(i, low)[0] - 4, H - pad + 8), str(i + 1), fill="black")
-    for k, ((name, values), colour) in enumerate(zip(curves.items(), COLOURS)):
+    def to_xy(i, y):
+        return pad + i * (right - pad) / max(1, L - 1), H - pad - (y - low) / (high - low) * (H - 2 * pad)
+
+    for k in range(round((high - low) / step) + 1):
+        y = low + k * step
+        draw.line([to_xy(0, y), to_xy(L - 1, y)], fill=(225, 225, 225))
+        draw.text((8, to_xy(0, y)[1] - 6), f"{y:g}{unit}", fill="black")
+    for i in range(0, L, max(1, L // 20)):
+        draw.text((to_xy(i, low)[0] - 4, H - pad + 8), str(i + first_x), fill="black")
+    for k, ((name, values), colour) in enumerate(zip(curves.items(), COLOURS * 9)):
         draw.line([to_xy(i, v) for i, v in enumerate(values)], fill=colour, width=3)
         draw.text((right + 20, pad + 16 * k), name, fill=colour)
-    draw.text((pad, 15), title + " (x: block, y: top-1)", fill="black")
-    image.save(path)
+    draw.text((pad, 15), title + f" (x: {x_name})", fill="black")
+    return image
 
 
 def read_jsonl(path):
@@ -67,10 +74,20 @@ def runs(folder):
         yield (os.path.basename(row) if name.startswith(".") else name), os.path.join(parent, "results.json"), *logs
 
 
+def monitored_runs(folder):
+    """(name, monitor rows) of every pre-training log.jsonl under folder that has them: <row>/pretrain/ is <row>."""
+    for parent, _, files in sorted(os.walk(folder)):
+        log = read_jsonl(os.path.join(parent, "log.jsonl")) if "log.jsonl" in files else []
+        if rows := [r for r in log if "rankme" in r]:
+            run = os.path.dirname(parent) if os.path.basename(parent) == "pretrain" else parent
+            name = os.path.relpath(run, folder)
+            yield (os.path.basename(os.path.abspath(run)) if name.startswith(".") else name), rows
+
+
 def report(folder):
-    """One table and one per-layer plot of the probe results under folder, with the pre-training and fine-tuning
-    logs that go with each (see runs)."""
-    table, curves = {}, {}
+    """The probe results under folder (see runs) in one table and one per-block plot, with the pre-training and
+    fine-tuning logs that go with each; and the monitor's k-NN and RankMe by epoch of every pre-training run."""
+    table, curves, monitors = {}, {}, {}
     for name, results, pretrain_log, finetune_log in runs(folder):
         with open(results) as f:
             probe = json.load(f)
@@ -81,21 +98,46 @@ def report(folder):
             row["finetune"] = max(epochs, default=None)  # None: fine-tuning has not finished an epoch yet
         if os.path.exists(pretrain_log):  # training time from the logged img/s
             log = read_jsonl(pretrain_log)
-            batch, steps = log[0]["config"]["batch_size"], [r for r in log if "step" in r]
+            batch, steps = log[0]["config"]["batch_size"], [r for r in log if "img_s" in r]
             seconds = sum((r["step"] - p["step"]) * batch / r["img_s"] for p, r in zip([{"step": 0}] + steps, steps))
-            row["hours"] = seconds / 3600
+            row["hours"], monitors[name] = seconds / 3600, [r for r in log if "rankme" in r]
         table[name], curves[name] = row, probe["linear"]
-    if not table:
-        common.fail(f"no probe results (results.json) under {folder}: give a folder probe.py wrote, or one above")
-    print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 |")
-    print("|---|---|---|---|---|")
+    for name, rows in monitored_runs(folder):  # pre-training runs without probe results (yet) too
+        monitors.setdefault(name, rows)
+    monitors = {name: rows for name, rows in monitors.items() if rows}
+    if not table and not monitors:
+        common.fail(f"no probe results (results.json) or pre-training logs under {folder}: give a folder probe.py or "
+                    "pretrain.py wrote, or one above")
+    last = {name: rows[-1] for name, rows in monitors.items()}
+    if table:
+        print("| run | pre-training hours | k-NN (best block) | linear probe (best block) | fine-tune top-1 | "
+              "monitor k-NN, RankMe (last epoch) |\n|---|---|---|---|---|---|")
     for name, r in table.items():
         finetune = "-" if r["finetune"] is None else f"{r['finetune']:.1f}"
-        print(f"| {name} | {r['hours']:.2f} | {r['knn']:.1f} | {r['linear']:.1f} ({r['best_layer']}) | {finetune} |")
+        knn = f"{last[name]['knn']:.1f}, " if "knn" in last.get(name, {}) else ""
+        seen = f"{knn}{last[name]['rankme']:.1f}" if name in last else "-"
+        print(f"| {name} | {r['hours']:.2f} | {r['knn']:.1f} | {r['linear']:.1f} ({r['best_layer']}) | {finetune} | "
+              f"{seen} |")
+    if monitors:
+        print("\nthe monitor, before training -> last epoch (k-NN: last block, %)\n| run | epochs | k-NN | RankMe |"
+              "\n|---|---|---|---|")
+    for name, rows in monitors.items():
+        knn = f"{rows[0]['knn']:.1f} -> {rows[-1]['knn']:.1f}" if "knn" in rows[0] else "-"
+        print(f"| {name} | {rows[-1]['epoch']} | {knn} | {rows[0]['rankme']:.1f} -> {rows[-1]['rankme']:.1f} |")
     with open(os.path.join(folder, "report.json"), "w") as f:
-        json.dump(dict(table=table, linear_by_block=curves), f, indent=1)
-    title = f"linear probe by block, {os.path.basename(folder.rstrip('/'))}"
-    plot(os.path.join(folder, "probe_by_block.png"), curves, title)
+        json.dump(dict(table=table, linear_by_block=curves, monitor=monitors), f, indent=1)
+    name = os.path.basename(os.path.abspath(folder))
+    if curves:
+        plot(curves, f"linear probe by block, {name}").save(os.path.join(folder, "probe_by_block.png"))
+    if monitors:  # one picture: k-NN by epoch above (labelled sets), RankMe by epoch below
+        knn = {run: [r["knn"] for r in rows] for run, rows in monitors.items() if "knn" in rows[0]}
+        rank = plot({run: [r["rankme"] for r in rows] for run, rows in monitors.items()}, f"RankMe, {name}",
+                    "epoch", first_x=0, unit="")
+        picture = Image.new("RGB", (rank.width, rank.height * (2 if knn else 1)), "white")
+        picture.paste(rank, (0, picture.height - rank.height))
+        if knn:
+            picture.paste(plot(knn, f"monitor k-NN (last block), {name}", "epoch", first_x=0), (0, 0))
+        picture.save(os.path.join(folder, "monitor.png"))
 
 
 def main():

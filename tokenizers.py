@@ -68,8 +68,7 @@ def kmeans_vocab(patches, vocab_size, seed, iters=20, batch_size=16384):
             sums += cosines.zero_().scatter_(1, nearest[:, None], 1.0).T @ chunk  # one-hot assignments^T @ patches
         bar.set_postfix(mean_cos=f"{total_cos.item() / len(units):.4f}")  # before this update
         empty = sums.norm(dim=1) < EPS  # a centroid no patch chose: re-seed it with a random patch
-        reseed = torch.randint(len(units), (int(empty.sum()),), generator=g)
-        sums[empty] = units[reseed.to(units.device)]
+        sums[empty] = units[torch.randint(len(units), (int(empty.sum()),), generator=g).to(units.device)]
         centroids = F.normalize(sums, dim=-1, eps=EPS)
     return centroids
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import data
 from finetune import mixing
 from model import Classifier, ViT, param_groups
-from probe import extract_features, knn_accuracy, probe_blocks, train_linear_probes
+from features import extract_features, knn_accuracy, my_share
+from probe import probe_blocks, train_linear_probes
 from test_pretrain import ENV, ROOT, TINY, assert_same_weights, run, run_in_process, torchrun, wait_for_step, weights
 
 SMALL_DATA = ["--num_images=64", "--img_size=16", "--patch_size=4", "--batch_size=16", "--workers=0", "--dtype=float32"]
@@ -116,7 +117,7 @@ def test_probe_features_are_the_mean_pooled_blocks():
     encoder = ViT("tiny", 16, 4).eval()
     dataset = data.Augmented(data.SyntheticShapes(10, 16), data.eval_transform(16))
     cpu = torch.device("cpu")
-    features, labels = extract_features(encoder, dataset, range(12), batch_size=4, workers=0, device=cpu, store=cpu)
+    features, labels = extract_features(encoder, my_share(dataset, 4, 0, cpu), 10, range(12), cpu, cpu)
     images = torch.stack([dataset[i][0] for i in range(10)])
     with torch.no_grad():
         layers = encoder(images, all_layers=True)
@@ -125,7 +126,7 @@ def test_probe_features_are_the_mean_pooled_blocks():
     for i, h in enumerate(layers):
         torch.testing.assert_close(features[:, i].float(), h.mean(1), rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(features[:, -1].float(), encoder(images).mean(1), rtol=1e-3, atol=1e-3)  # after the norm
-    some, _ = extract_features(encoder, dataset, [11, 5], batch_size=4, workers=0, device=cpu, store=cpu)
+    some, _ = extract_features(encoder, my_share(dataset, 4, 0, cpu), 10, [11, 5], cpu, cpu)
     assert torch.equal(some, features[:, [11, 5]])  # --blocks=12,6
 
 

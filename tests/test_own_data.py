@@ -90,6 +90,8 @@ def test_an_unlabelled_folder_is_sent_to_the_export_not_to_the_probes(tmp_path):
     result = run("pretrain.py", "--dataset=folder", f"--data_root={tmp_path / 'images'}", *TINY, "--epochs=1",
                  f"--out_dir={tmp_path / 'run'}")
     assert "has no labels to probe with" in result.stdout
+    monitor = [json.loads(row) for row in open(tmp_path / "run" / "log.jsonl") if "rankme" in row]
+    assert [r["epoch"] for r in monitor] == [0, 1] and not any("knn" in r for r in monitor)  # RankMe alone
     exported = paste(line(result.stdout, "next:"))
     assert os.path.exists(tmp_path / "run" / "vit_timm.pth") and "timm.models.VisionTransformer" in exported.stdout
 

@@ -25,9 +25,14 @@ def run(script, *flags, check=True, timeout=300):
     return result
 
 
-def log_rows(out_dir):
+def log_rows(out_dir):  # the training steps' rows (not the monitor's)
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [row for row in map(json.loads, f) if "step" in row]
+        return [row for row in map(json.loads, f) if "loss" in row]
+
+
+def monitor_epochs(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [row["epoch"] for row in map(json.loads, f) if "rankme" in row]
 
 
 def weights(out_dir):
@@ -101,6 +106,7 @@ def test_preemption_saves_mid_epoch_and_resumes_bit_exact(reference, tmp_path, s
     resumed = run("pretrain.py", *TINY, f"--out_dir={out}")
     assert f"resuming from {out}/ckpt.pt at step {saved}" in resumed.stdout
     assert_same_weights(weights(out), weights(reference))
+    assert monitor_epochs(out) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
@@ -136,6 +142,7 @@ def test_sigkill_resumes_from_last_checkpoint_bit_exact(reference, tmp_path):
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(out), weights(reference))
     assert [r["step"] for r in log_rows(out)] == list(range(1, 9))  # the rows after step 4 are not there twice
+    assert monitor_epochs(out) == [0, 1, 2]  # the monitor's too: one row per epoch
 
 
 @pytest.mark.parametrize("flags", [
@@ -182,6 +189,13 @@ def test_two_processes_match_one_process(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (a["step"], key)
     for key, value in weights(str(tmp_path / "one")).items():
         torch.testing.assert_close(weights(str(tmp_path / "two"))[key], value, rtol=1e-3, atol=1e-4)
+    # the monitor: each process encodes half of its images, rank 0 gathers them; the same rows as one process
+    one, two = ([json.loads(r) for r in open(tmp_path / n / "log.jsonl") if "rankme" in r] for n in ("one", "two"))
+    assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [0, 1, 2]
+    assert one[0] == two[0]  # the same weights at epoch 0: the same features, bit for bit after float16
+    for a, b in zip(one[1:], two[1:]):  # then rounding: a query or two may change its vote
+        assert a["knn_by_block"] == pytest.approx(b["knn_by_block"], abs=1.0)
+        assert a["rankme"] == pytest.approx(b["rankme"], rel=1e-2)
 
 
 def test_torchrun_resumes_bit_for_bit_after_a_signal_to_one_process(tmp_path):
