@@ -279,12 +279,12 @@ def main():
         f"{t['tokenize'] * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
     # the monitor's share of an epoch, at its default size: a twentieth of the training images of each split (200 to
     # 5,000), labelled sets encoding both splits; an epoch trains on its full batches (small sets at batch 2048 drop one)
-    for name, epoch_images, monitored in [("quick recipe, 10,000 images", 10_000, 2 * 500),
-                                          ("paper, ImageNet (1.28M images)", 1_281_167, 2 * 5000),
-                                          ("paper, Stanford Cars (8,144 images)", 8144 // 2048 * 2048, 2 * 407),
-                                          ("paper, ADE20k (20,210, unlabelled)", 20_210 // 2048 * 2048, 1010)]:
+    for name, epoch_images, monitored in [("quick (10,000 images)", 10_000, 2 * 500),
+                                          ("paper ImageNet (1.28M)", 1_281_167, 2 * 5000),
+                                          ("paper Cars (8,144)", 8144 // 2048 * 2048, 2 * 407),
+                                          ("paper ADE20k (no labels)", 20_210 // 2048 * 2048, 1010)]:
         share = monitored * t["monitor"] / (epoch_images * t_split)
-        row(f"monitor / epoch: {name}", f"{share:.1%}", f"{monitored} images encoded each epoch (at most 5%)")
+        row(f"monitor / epoch, {name}", f"{share:.1%}", f"{monitored} images encoded each epoch (at most 5%)")
     ours, reference = vit_fwd_bwd(cfg, device, autocast)
     t = seconds_per_call(dict(ours=ours, reference=reference), device, cfg["warmup"], cfg["steps"])
     row("our ViT / nn.TransformerEncoderLayer", f"{t['ours'] / t['reference']:.2f}x",
