@@ -101,7 +101,7 @@ class Monitor:
                      for split, images in picked.items()}
         common.print0(f"monitor: {' and '.join(f'{n} {split}' for split, (_, n) in self.sets.items())} images at "
                       f"{cfg['img_size']} px, {'k-NN and ' if self.classes > 1 else ''}RankMe before training and "
-                      "at every epoch's end (--monitor=False: off)")
+                      "at every epoch's end (--monitor_every=0: off)")
 
     def __call__(self, epoch, step, autocast):
         """The epoch's log row on rank 0 (None elsewhere), printed; a warning when RankMe collapses."""

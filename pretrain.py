@@ -76,7 +76,7 @@ config = dict(
     log_every=10,  # steps between log lines
     save_every=1,  # epochs between checkpoints
     pictures=4,  # inpainting pictures per run, spread over the epochs (0: none)
-    monitor=True,  # k-NN accuracy (labelled sets) and RankMe of the features, before training and after every epoch
+    monitor_every=1,  # epochs between the monitor's rows (k-NN where there are labels, RankMe); one at step 0; 0: off
     monitor_images=0,  # images of each split the monitor encodes; 0: a twentieth of the training set, 200 to 5000
     max_unreadable=0.01,  # share of unreadable images an epoch may skip before the run stops
     override_config=False,  # resume out_dir even though settings changed
@@ -217,8 +217,8 @@ def main():
         (cfg["method"] == "beit" or cfg["mask_ratio"] >= 0.5,
          f"--mask_ratio={cfg['mask_ratio']}: SplitMask's two disjoint subsets need at least 0.5"),
         (cfg["temperature"] > 0, f"--temperature={cfg['temperature']} must be positive"),
-        (cfg["monitor_images"] == 0 or cfg["monitor_images"] > 1,
-         f"--monitor_images={cfg['monitor_images']} must be 0 (a share of the training set) or more than 1"),
+        (cfg["monitor_every"] >= 0 and cfg["monitor_images"] != 1 and cfg["monitor_images"] >= 0, "--monitor_every="
+         f"{cfg['monitor_every']} must be 0 (off) or more, --monitor_images={cfg['monitor_images']} 0 (auto) or 2+"),
         (cfg["vocab_size"] >= 2, f"--vocab_size={cfg['vocab_size']} must be at least 2"),
         (cfg["tokenizer"] == "random_projection" or cfg["tokenizer_samples"] >= cfg["vocab_size"],
          f"--tokenizer_samples={cfg['tokenizer_samples']} must be at least --vocab_size={cfg['vocab_size']}"),
@@ -277,7 +277,7 @@ def main():
     common.log(cfg, {"config": cfg, "world": world, "params": sum(p.numel() for p in model.parameters()),
                      "peak_flops": peak_flops, "peak_source": peak_source})
 
-    monitor = Monitor(cfg, model.encoder, len(images), micro_batch, device, state) if cfg["monitor"] else None
+    monitor = Monitor(cfg, model.encoder, len(images), micro_batch, device, state) if cfg["monitor_every"] else None
     if monitor and step == 0:  # the representation at random init: the first point of its curves
         common.log(cfg, monitor(0, step, autocast))
 
@@ -328,8 +328,8 @@ def main():
                 checkpoint()
                 stop.exit(ckpt_path, step)
         epoch += 1
-        if monitor:  # logged before the checkpoint: a run killed in between logs this epoch again, after its resume
-            common.log(cfg, monitor(epoch, step, autocast))
+        if monitor and (epoch % cfg["monitor_every"] == 0 or step == total_steps):  # logged before the checkpoint:
+            common.log(cfg, monitor(epoch, step, autocast))  # a run killed in between logs the epoch again
         if epoch % cfg["save_every"] == 0 or step == total_steps or stopping:
             checkpoint()
         if epoch * cfg["pictures"] // cfg["epochs"] > (epoch - 1) * cfg["pictures"] // cfg["epochs"]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from features import collapse_warning, rankme
-from test_pretrain import TINY, assert_same_weights, log_rows, run, weights
+from test_pretrain import MONITOR, TINY, assert_same_weights, log_rows, run, weights
 
 
 def monitor_rows(out_dir):
@@ -35,7 +35,7 @@ def test_collapse_warns_once_per_fall_below_half_the_best():
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("monitored"))
-    result = run("pretrain.py", *TINY, f"--out_dir={out}")
+    result = run("pretrain.py", *TINY, MONITOR, f"--out_dir={out}")
     return out, result.stdout
 
 
@@ -54,7 +54,7 @@ def test_one_row_per_epoch_whose_knn_probe_py_gives_again(monitored, tmp_path):
 
 def test_the_monitor_does_not_change_training(monitored, tmp_path):
     out, _ = monitored
-    run("pretrain.py", *TINY, "--monitor=False", f"--out_dir={tmp_path}")
+    run("pretrain.py", *TINY, f"--out_dir={tmp_path}")  # TINY: --monitor_every=0
     assert_same_weights(weights(str(tmp_path)), weights(out))
     assert [r["loss"] for r in log_rows(str(tmp_path))] == [r["loss"] for r in log_rows(out)]
     assert monitor_rows(str(tmp_path)) == []

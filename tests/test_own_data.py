@@ -88,7 +88,7 @@ def test_the_newcomer_path_on_a_class_folder_runs_from_the_printed_lines(tmp_pat
 def test_an_unlabelled_folder_is_sent_to_the_export_not_to_the_probes(tmp_path):
     write_images(tmp_path / "images", 64)
     result = run("pretrain.py", "--dataset=folder", f"--data_root={tmp_path / 'images'}", *TINY, "--epochs=1",
-                 f"--out_dir={tmp_path / 'run'}")
+                 "--monitor_every=1", f"--out_dir={tmp_path / 'run'}")
     assert "has no labels to probe with" in result.stdout
     monitor = [json.loads(row) for row in open(tmp_path / "run" / "log.jsonl") if "rankme" in row]
     assert [r["epoch"] for r in monitor] == [0, 1] and not any("knn" in r for r in monitor)  # RankMe alone

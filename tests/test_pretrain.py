@@ -13,7 +13,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ViT-tiny on 16 px images in 4 px patches: 16 tokens, 4 steps per epoch, a second or so per epoch.
 TINY = ["--num_images=64", "--img_size=16", "--patch_size=4", "--vocab_size=16", "--tokenizer_samples=512",
-        "--batch_size=16", "--epochs=2", "--workers=0", "--min_block=2", "--dtype=float32", "--log_every=1"]
+        "--batch_size=16", "--epochs=2", "--workers=0", "--min_block=2", "--dtype=float32", "--log_every=1",
+        "--monitor_every=0"]  # the tests of the monitor turn it on (it trains the same: tests/test_monitor.py)
+MONITOR = "--monitor_every=1"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
@@ -95,17 +97,17 @@ def wait_for_step(process, out_dir, step, timeout=120):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_saves_mid_epoch_and_resumes_bit_exact(reference, tmp_path, sig):
     out = str(tmp_path)
-    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, f"--out_dir={out}"], cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, MONITOR, f"--out_dir={out}"], cwd=ROOT,
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(process, out, 2)
     process.send_signal(sig)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"]
     assert 2 <= saved < 8 and "stop signal" in output
-    resumed = run("pretrain.py", *TINY, f"--out_dir={out}")
+    resumed = run("pretrain.py", *TINY, MONITOR, f"--out_dir={out}")
     assert f"resuming from {out}/ckpt.pt at step {saved}" in resumed.stdout
-    assert_same_weights(weights(out), weights(reference))
+    assert_same_weights(weights(out), weights(reference))  # the reference ran without the monitor
     assert monitor_epochs(out) == [0, 1, 2]
 
 
@@ -128,8 +130,8 @@ def test_sigusr1_to_the_whole_process_group_with_loader_workers_saves_and_resume
 
 def test_sigkill_resumes_from_last_checkpoint_bit_exact(reference, tmp_path):
     out = str(tmp_path)
-    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, f"--out_dir={out}"], cwd=ROOT, env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "pretrain.py", *TINY, MONITOR, f"--out_dir={out}"], cwd=ROOT,
+                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_step(process, out, 6)  # the epoch-1 checkpoint (step 4) is on disk by then
     process.kill()
     process.wait()
@@ -138,7 +140,7 @@ def test_sigkill_resumes_from_last_checkpoint_bit_exact(reference, tmp_path):
         f.write(b"half a checkpoint")
     with open(os.path.join(out, "log.jsonl"), "a") as f:  # or a log row
         f.write('{"step": 7, "lo')
-    resumed = run("pretrain.py", *TINY, f"--out_dir={out}")
+    resumed = run("pretrain.py", *TINY, MONITOR, f"--out_dir={out}")
     assert "resuming" in resumed.stdout
     assert_same_weights(weights(out), weights(reference))
     assert [r["step"] for r in log_rows(out)] == list(range(1, 9))  # the rows after step 4 are not there twice
@@ -176,7 +178,7 @@ def test_tiny_run_lowers_the_mim_loss(tmp_path):
 def test_two_processes_match_one_process(tmp_path):
     # Same global batch and no drop path, so the runs differ only by float rounding; the k-means vocabulary, each
     # process reading half of the sample, is the one process's bit for bit (else the targets would differ).
-    flags = [*TINY, "--drop_path=0"]
+    flags = [*TINY, "--drop_path=0", MONITOR]
     run("pretrain.py", *flags, f"--out_dir={tmp_path / 'one'}")
     result = torchrun(2, "pretrain.py", *flags, f"--out_dir={tmp_path / 'two'}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -302,3 +304,16 @@ def test_bad_flags_fail_with_a_message(tmp_path, monkeypatch, capsys, flags, mes
     import pretrain
     code, _, err = run_in_process(monkeypatch, capsys, pretrain.main, *TINY, f"--out_dir={tmp_path}", *flags)
     assert code != 0 and message in err, err
+
+
+def test_torchrun_passes_every_flag_of_every_script_on_unchanged():
+    """torchrun's own options are matched by prefix, anywhere on the line: a flag of ours that is the start of two of
+    theirs (--monitor: --monitor-interval, --monitor_interval) would stop `torchrun ... pretrain.py --flag=value`."""
+    import finetune
+    import pretrain
+    import probe
+    from torch.distributed.run import get_args_parser
+    for script in (pretrain, finetune, probe):
+        for key in script.config:
+            args = get_args_parser().parse_args(["--nproc_per_node=2", "x.py", f"--{key}=1"])
+            assert args.training_script_args == [f"--{key}=1"], (script.__name__, key)
