@@ -27,7 +27,8 @@ def my_share(dataset, batch_size, workers, device):
     world, rank, num_images = common.WORLD, common.RANK, len(dataset)
     mine = [(rank + world * j) % num_images for j in range(math.ceil(num_images / world))]
     return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=workers,
-                                       pin_memory=device.type == "cuda", generator=torch.Generator())
+                                       pin_memory=device.type == "cuda", generator=torch.Generator(),
+                                       worker_init_fn=data.leave_stop_signals_to_main)
 
 
 @torch.no_grad()
@@ -41,7 +42,7 @@ def extract_features(encoder, batches, num_images, blocks, device, store, desc="
         features = torch.empty(num_images, len(blocks), encoder.dim, dtype=torch.float16, device=store)
         labels = torch.empty(num_images, dtype=torch.long)
     start = 0
-    for images, y in tqdm(batches, desc=desc, leave=False, disable=None if rank == 0 else True):  # None: a terminal
+    for images, y in tqdm(batches, desc=desc, leave=False, disable=None if rank == 0 else True):  # None: if a tty
         images = images.to(device, non_blocking=True)
         layers = encoder(data.normalize(images) if images.dtype == torch.uint8 else images, all_layers=True)
         batch = to_rank0(torch.stack([layers[b].float().mean(1) for b in blocks], 1).half())
@@ -77,51 +78,59 @@ def rankme(features, eps=1e-7):
 def collapse_warning(history):
     """Whether the last RankMe of history calls for a warning: below half the best before it, where the one before
     was not (a collapse is told once, and again only after RankMe recovered)."""
-    below = [value < max(history[:i], default=0.0) / 2 for i, value in enumerate(history)]
-    return below[-1] and not (len(below) > 1 and below[-2])
+    def below(i):  # history[i] under half the best before it
+        return history[i] < max(history[:i], default=0.0) / 2
+    return below(len(history) - 1) and not (len(history) > 1 and below(len(history) - 2))
 
 
 class Monitor:
-    """How good the representation is while it trains, at the end of every epoch (and before the first), on a fixed
-    seeded subset of each split, without augmentation: the k-NN accuracy of every block (training images as the bank,
-    validation images as queries: what `probe.py --fraction=<images>` gives that checkpoint) where there are labels,
-    and RankMe of the last block everywhere. The crops are made once and kept on the device (uint8, each process its
-    share); a pass draws no random numbers, so a run trains the same with the monitor on or off."""
-    def __init__(self, cfg, encoder, num_train, batch_size, device, checkpoint=None):
-        self.cfg, self.encoder, self.batch_size, self.device = cfg, encoder, batch_size, device
+    """How good the representation is while it trains, before the first epoch and then every --monitor_every, on a
+    fixed seeded subset of each split, without augmentation: the k-NN accuracy of every block (training images as the
+    bank, validation images as queries: what `probe.py --fraction=<images>` gives that checkpoint, same seed) where
+    there are labels and a validation split, and RankMe of the last block everywhere. The crops are made once and kept
+    on the device (uint8, each process its share); a pass draws no random numbers: training is the same without it."""
+    def __init__(self, cfg, encoder, num_train, batch_size, device, history):
+        self.cfg, self.encoder, self.device = cfg, encoder, device
+        self.history = history  # RankMe so far (the list the checkpoint saves), for the collapse warning
         self.images = cfg["monitor_images"] or min(5000, max(200, num_train // 20))  # of each split
-        self.history = checkpoint.get("monitor", []) if checkpoint else []  # RankMe so far; a resumed run's is saved
-        picked = {"train": data.from_flags(dict(cfg, fraction=float(self.images)), "train")}
+        subset = dict(cfg, fraction=float(self.images))  # as probe.py --fraction=<images> picks them
+        picked = {"train": data.from_flags(subset, "train")}
         self.classes = len(picked["train"].classes)
-        if self.classes > 1:  # the k-NN's queries; without labels RankMe alone, on the training subset
-            picked["val"] = data.from_flags(dict(cfg, fraction=float(self.images)), "val")
-        transform = data.eval_transform(cfg["img_size"], normalized=False)
-        self.sets = {split: ([(x.to(device), y) for x, y in my_share(data.Augmented(images, transform), batch_size,
-                                                                    cfg["workers"], device)], len(images))
-                     for split, images in picked.items()}
+        if self.classes > 1:  # the k-NN's queries; without labels (or a validation split) RankMe alone
+            try:
+                picked["val"] = data.build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["img_size"],
+                                                   subset["fraction"], cfg["seed"])
+            except FileNotFoundError:
+                self.classes = 0
+        transform, self.sets = data.eval_transform(cfg["img_size"], normalized=False), {}
+        for split, images in picked.items():  # this process's share of the crops, on the device once and for all
+            loader = my_share(data.Augmented(images, transform), batch_size, cfg["workers"], device)
+            self.sets[split] = [(x.to(device), y) for x, y in loader], len(images)
         common.print0(f"monitor: {' and '.join(f'{n} {split}' for split, (_, n) in self.sets.items())} images at "
-                      f"{cfg['img_size']} px, {'k-NN and ' if self.classes > 1 else ''}RankMe before training and "
-                      "at every epoch's end (--monitor_every=0: off)")
+                      f"{cfg['img_size']} px, {'k-NN and ' if 'val' in picked else ''}RankMe before training and "
+                      f"every {cfg['monitor_every']} epoch(s) (--monitor_every=0: off)")
 
     def __call__(self, epoch, step, autocast):
-        """The epoch's log row on rank 0 (None elsewhere), printed; a warning when RankMe collapses."""
+        """The row to log on rank 0 (None elsewhere), printed; a warning when RankMe collapses."""
         self.encoder.eval()
+        blocks, feats = range(self.encoder.depth), {}
         with autocast:
-            feats = {split: extract_features(self.encoder, batches, n, range(self.encoder.depth), self.device,
-                                             self.device, desc="monitor") for split, (batches, n) in self.sets.items()}
+            for split, (batches, n) in self.sets.items():
+                feats[split] = extract_features(self.encoder, batches, n, blocks, self.device, store=self.device,
+                                                desc="monitor")
         if not common.MASTER:
             return None
         (train_x, train_y), row = feats["train"], dict(step=step, epoch=epoch)
-        if self.classes > 1:
+        if "val" in feats:
             (val_x, val_y), train_y = feats["val"], train_y.to(self.device)
             row["knn_by_block"] = [knn_accuracy(train_x[:, b], train_y, val_x[:, b], val_y.to(self.device),
-                                                self.classes) for b in range(train_x.shape[1])]
+                                                self.classes) for b in blocks]
             row["knn"] = row["knn_by_block"][-1]
         row["rankme"] = rankme(train_x[:, -1])
         self.history.append(row["rankme"])
         knn = f"k-NN {row['knn']:.1f}% (best block: {max(row['knn_by_block']):.1f}%) | " if "knn" in row else ""
-        common.print0(f"epoch {epoch}/{self.cfg['epochs']} | {knn}RankMe {row['rankme']:.1f}")
+        tqdm.write(f"epoch {epoch}/{self.cfg['epochs']} | {knn}RankMe {row['rankme']:.1f}")  # not across a bar
         if collapse_warning(self.history):
-            common.print0(f"warning: RankMe fell to {row['rankme']:.1f}, below half its best, "
-                          f"{max(self.history):.1f}: the features are collapsing onto fewer directions")
+            tqdm.write(f"warning: RankMe fell to {row['rankme']:.1f}, below half its best, {max(self.history):.1f}: "
+                       "the features are collapsing onto fewer directions")
         return row

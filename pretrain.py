@@ -277,13 +277,13 @@ def main():
     common.log(cfg, {"config": cfg, "world": world, "params": sum(p.numel() for p in model.parameters()),
                      "peak_flops": peak_flops, "peak_source": peak_source})
 
-    monitor = Monitor(cfg, model.encoder, len(images), micro_batch, device, state) if cfg["monitor_every"] else None
+    history = state.get("monitor", []) if state else []  # RankMe so far, which the monitor appends to
+    monitor = Monitor(cfg, encoder, len(images), micro_batch, device, history) if cfg["monitor_every"] else None
     if monitor and step == 0:  # the representation at random init: the first point of its curves
         common.log(cfg, monitor(0, step, autocast))
 
     def checkpoint():  # a collective: every process's RNG state goes in
-        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu(),
-                        monitor=monitor.history if monitor else [])
+        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu(), monitor=history)
 
     def log_step(epoch, lr, sums, steps, seconds):
         """Means over the steps since the last log and over the processes (the one host sync: every process learns of

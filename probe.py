@@ -157,6 +157,7 @@ def main():
     cache = os.path.join(out_dir, "features.pt")
     key = {k: cfg.get(k) for k in ("init", "init_modified", "dataset", "data_root", "fraction", "num_images", "model",
                                    "img_size", "patch_size", "crop_ratio", "blocks", "seed", "dtype")}
+    key["pixels"] = "uint8, normalised on the device"  # as the monitor's (caches made before are made anew)
     feats = torch.load(cache, weights_only=True, mmap=True) if common.MASTER and os.path.exists(cache) else {}
     cached = [feats.get("key") == key]
     if common.WORLD > 1:

@@ -2,6 +2,7 @@
 history, k-NN rows that probe.py reproduces from the checkpoint, and training the monitor leaves unchanged."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -67,11 +68,15 @@ def test_report_tables_and_draws_the_monitor_of_each_run(monitored, tmp_path, ca
         os.makedirs(tmp_path / name / "pretrain")
         with open(os.path.join(out, "log.jsonl")) as f, open(tmp_path / name / "pretrain" / "log.jsonl", "w") as g:
             g.write(f.read())
+    os.makedirs(tmp_path / "c" / "ckpt_probe")  # probe.py's layout: <ckpt>_probe/ beside the run's log.jsonl
+    shutil.copy(os.path.join(out, "log.jsonl"), tmp_path / "c" / "log.jsonl")
+    (tmp_path / "c" / "ckpt_probe" / "results.json").write_text(json.dumps(dict(linear=[40.0], knn=[30.0],
+                                                                                best_linear=40.0, best_layer=1)))
     report(str(tmp_path))
     first, last = monitor_rows(out)[0], monitor_rows(out)[-1]
     printed = capsys.readouterr().out
     knn, rank = f"{first['knn']:.1f} -> {last['knn']:.1f}", f"{first['rankme']:.1f} -> {last['rankme']:.1f}"
     assert f"| a | 2 | {knn} | {rank} |" in printed
     saved = json.loads((tmp_path / "report.json").read_text())["monitor"]
-    assert list(saved) == ["a", "b"] and saved["a"] == monitor_rows(out)
+    assert list(saved) == ["c/ckpt", "a", "b"] and saved["a"] == monitor_rows(out)  # c's log once, not twice
     assert (tmp_path / "monitor.png").exists()

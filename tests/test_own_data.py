@@ -3,6 +3,7 @@ settings, unreadable files, a stop during the vocabulary pass, folder mistakes, 
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,16 @@ def test_an_unlabelled_folder_is_sent_to_the_export_not_to_the_probes(tmp_path):
     assert [r["epoch"] for r in monitor] == [0, 1] and not any("knn" in r for r in monitor)  # RankMe alone
     exported = paste(line(result.stdout, "next:"))
     assert os.path.exists(tmp_path / "run" / "vit_timm.pth") and "timm.models.VisionTransformer" in exported.stdout
+
+
+def test_class_folders_without_a_val_split_train_with_rankme_alone(tmp_path):
+    """The monitor's k-NN needs validation images; a train/ folder alone still pre-trains, watched by RankMe."""
+    shutil.rmtree(photos(tmp_path / "photos") / "val")
+    result = run("pretrain.py", "--dataset=imagefolder", f"--data_root={tmp_path / 'photos'}", *FAST,
+                 f"--out_dir={tmp_path / 'run'}")
+    monitor = [json.loads(row) for row in open(tmp_path / "run" / "log.jsonl") if "rankme" in row]
+    assert [r["epoch"] for r in monitor] == [0, 1] and not any("knn" in r for r in monitor)
+    assert "monitor: 140 train images at 32 px, RankMe before training" in result.stdout
 
 
 def test_a_quick_run_on_a_users_folder_takes_about_10000_images(monkeypatch, capsys, tmp_path):
