@@ -235,7 +235,7 @@ def pretrain_kill_resume(cfg, gpus, sizes):
     killed_at = torch.load(ckpt, weights_only=True)["step"]
     code, seconds, stdout, stderr = run(command, cfg["timeout"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    steps, peak = [row for row in log if "step" in row], log[0].get("peak_source", "")
+    steps, peak = [row for row in log if "loss" in row], log[0].get("peak_source", "")  # not the monitor's rows
     ok = code == 0 and f"resuming from {ckpt} at step {killed_at}" in stdout and "done:" in stdout
     note = (f"{gpus} processes, killed after step {killed_at}, resumed from it to step {steps[-1]['step']}; last loss "
             f"{steps[-1]['loss']:.3f}, {steps[-1]['img_s']:.0f} img/s, MFU {steps[-1]['mfu']:.1%} of {peak}" if ok
