@@ -106,9 +106,10 @@ class Monitor:
         for split, images in picked.items():  # this process's share of the crops, on the device once and for all
             loader = my_share(data.Augmented(images, transform), batch_size, cfg["workers"], device)
             self.sets[split] = [(x.to(device), y) for x, y in loader], len(images)
+        every = "every epoch" if cfg["monitor_every"] == 1 else f"every {cfg['monitor_every']} epochs"
         common.print0(f"monitor: {' and '.join(f'{n} {split}' for split, (_, n) in self.sets.items())} images at "
                       f"{cfg['img_size']} px, {'k-NN and ' if 'val' in picked else ''}RankMe before training and "
-                      f"every {cfg['monitor_every']} epoch(s) (--monitor_every=0: off)")
+                      f"after {every} (--monitor_every=0: off)")
 
     def __call__(self, epoch, step, autocast):
         """The row to log on rank 0 (None elsewhere), printed; a warning when RankMe collapses."""
