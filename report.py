@@ -80,7 +80,8 @@ def monitored_runs(folder):
     for parent, _, files in sorted(os.walk(folder)):
         log = read_jsonl(os.path.join(parent, "log.jsonl")) if "log.jsonl" in files else []
         if rows := [r for r in log if "rankme" in r]:
-            run = os.path.dirname(parent) if os.path.basename(parent) == "pretrain" else parent
+            exp_layout = os.path.basename(parent) == "pretrain" and not os.path.samefile(parent, folder)
+            run = os.path.dirname(parent) if exp_layout else parent
             name = os.path.relpath(run, folder)
             yield os.path.basename(os.path.abspath(run)) if name.startswith(".") else name, parent + "/log.jsonl", rows
 
