@@ -1,6 +1,6 @@
 """
 The table and per-block plot of probe.py's results: one run's folder, or a folder of runs, one per row (with
-pretrain.py's and finetune.py's logs where they exist); and the pre-training monitor's k-NN and RankMe by epoch.
+pretrain.py's and finetune.py's logs where they exist); and the pre-training monitor's k-NN and RankMe by update.
 `make exp-cifar10` ends with it; probe.py's and pretrain.py's done lines name it.
 
     python report.py --folder=out/exp/cifar10    # the tables; report.json, probe_by_block.png, monitor.png
