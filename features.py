@@ -91,7 +91,7 @@ class Monitor:
     on the device (uint8, each process its share); a pass draws no random numbers: training is the same without it."""
     def __init__(self, cfg, encoder, num_train, batch_size, device, history):
         self.cfg, self.encoder, self.device = cfg, encoder, device
-        self.history = history  # RankMe so far (the list the checkpoint saves), for the collapse warning
+        self.history = history  # RankMe since training began (the list the checkpoint saves), for the collapse warning
         self.images = cfg["monitor_images"] or min(5000, max(200, num_train // 20))  # of each split
         subset = dict(cfg, fraction=float(self.images))  # as probe.py --fraction=<images> picks them
         picked = {"train": data.from_flags(subset, "train")}
@@ -128,10 +128,11 @@ class Monitor:
                                                 self.classes) for b in blocks]
             row["knn"] = row["knn_by_block"][-1]
         row["rankme"] = rankme(train_x[:, -1])
-        self.history.append(row["rankme"])
         knn = f"k-NN {row['knn']:.1f}% (best block: {max(row['knn_by_block']):.1f}%) | " if "knn" in row else ""
         tqdm.write(f"epoch {epoch}/{self.cfg['epochs']} | {knn}RankMe {row['rankme']:.1f}")  # not across a bar
-        if collapse_warning(self.history):
+        if step > 0:  # random features spread over every direction: trained ones are compared with trained ones
+            self.history.append(row["rankme"])
+        if step > 0 and collapse_warning(self.history):
             tqdm.write(f"warning: RankMe fell to {row['rankme']:.1f}, below half its best, {max(self.history):.1f}: "
                        "the features are collapsing onto fewer directions")
         return row

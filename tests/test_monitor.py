@@ -46,6 +46,8 @@ def test_one_row_per_epoch_whose_knn_probe_py_gives_again(monitored, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1, 2] and [r["step"] for r in rows] == [0, 4, 8]
     assert all(len(r["knn_by_block"]) == 12 and r["knn"] == r["knn_by_block"][-1] and r["rankme"] > 1 for r in rows)
     assert "monitor: 64 train and 200 val images" in stdout and "epoch 2/2 | k-NN" in stdout
+    history = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["monitor"]  # the collapse warning's
+    assert history == [r["rankme"] for r in rows[1:]]  # trained rows only: random init is no baseline
     # the last row was measured on the weights the final checkpoint holds: probe.py on the same subsets agrees
     run("probe.py", f"--init={out}/ckpt.pt", "--num_images=64", "--fraction=200", "--batch_size=16", "--workers=0",
         "--probe_epochs=1", f"--out_dir={tmp_path}")
