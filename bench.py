@@ -9,9 +9,10 @@ Rows: the SplitMask step (pretrain.train_step on random batches) in img/s and MF
 matmul (and pretrain.py's denominator, a spec sheet, on known GPUs), with peak GPU memory; SplitMask vs
 BEiT (time ratio next to FLOP ratio); our ViT vs a stack of nn.TransformerEncoderLayer; fused vs naive
 InfoNCE (time, peak memory); tokenization's share of the step and the monitor's of an epoch; probe.py's
-linear probes and k-NN on synthetic features of ImageNet size; our loader against the plain torchvision pipeline per worker, and
-the workers the step needs. The calls a ratio compares take turns, round after round, and each time is
-the fastest of its rounds (a busy machine only ever adds time). Writes out/bench.json too.
+linear probes and k-NN on synthetic features of ImageNet size; our loader against the plain torchvision
+pipeline per worker, and the workers the step needs. The calls a ratio compares take turns, round after
+round, and each time is the fastest of its rounds (a busy machine only ever adds time). Writes
+out/bench.json too.
 """
 import ctypes
 import json
@@ -28,6 +29,7 @@ from PIL import Image
 import common
 import data
 import tokenizers
+from features import knn_accuracy, monitor_images
 from masking import beit_mask, split_patches
 from model import BEiT, SplitMask, ViT, info_nce, info_nce_reference, param_groups
 from pretrain import train_step
@@ -172,7 +174,6 @@ def nce_rows(sizes, dim, device):
 def probe_rows(spec, device, classes=100):
     """probe.py's stage on synthetic float16 features (class centres plus noise): memory, one epoch of the linear
     probes on every block, k-NN of 1,000 queries on one block. Returns (bytes, seconds, seconds)."""
-    from features import knn_accuracy
     from probe import train_linear_probes
     N, L, D = map(int, spec.split(","))
     g, labels = torch.Generator().manual_seed(0), torch.arange(N) % classes
@@ -277,12 +278,13 @@ def main():
         f"FLOP ratio {f_split / f_beit:.2f}x (at most: MFU no lower)")
     row("tokenization share of the step", f"{t['tokenize'] / t_split:.2%}",
         f"{t['tokenize'] * 1e3:.1f} ms, {cfg['vocab_size']} words (below 2%)")
-    # the monitor's share of an epoch, at its default size: a twentieth of the training images of each split (200 to
-    # 5,000), labelled sets encoding both splits; an epoch trains on its full batches (small sets at batch 2048 drop one)
-    for name, epoch_images, monitored in [("quick (10,000 images)", 10_000, 2 * 500),
-                                          ("paper ImageNet (1.28M)", 1_281_167, 2 * 5000),
-                                          ("paper Cars (8,144)", 8144 // 2048 * 2048, 2 * 407),
-                                          ("paper ADE20k (no labels)", 20_210 // 2048 * 2048, 1010)]:
+    # the monitor's share of an epoch, at its default size (features.monitor_images of each split; labelled sets encode
+    # both splits); an epoch trains on its full batches (small sets at batch 2048 drop one)
+    for name, images, batch, splits in [("quick (10,000 images)", 10_000, 128, 2),
+                                        ("paper ImageNet (1.28M)", 1_281_167, 2048, 2),
+                                        ("paper Cars (8,144)", 8144, 2048, 2),
+                                        ("paper ADE20k (no labels)", 20_210, 2048, 1)]:
+        epoch_images, monitored = images // batch * batch, splits * monitor_images(images)
         share = monitored * t["monitor"] / (epoch_images * t_split)
         row(f"monitor / epoch, {name}", f"{share:.1%}", f"{monitored} images encoded each epoch (at most 5%)")
     ours, reference = vit_fwd_bwd(cfg, device, autocast)

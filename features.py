@@ -83,6 +83,11 @@ def collapse_warning(history):
     return below(len(history) - 1) and not (len(history) > 1 and below(len(history) - 2))
 
 
+def monitor_images(num_train):
+    """The images of each split the monitor encodes by default: a twentieth of the training set, 200 to 5,000."""
+    return min(5000, max(200, num_train // 20))
+
+
 class Monitor:
     """How good the representation is while it trains, before the first epoch and then every --monitor_every, on a
     fixed seeded subset of each split, without augmentation: the k-NN accuracy of every block (training images as the
@@ -92,8 +97,7 @@ class Monitor:
     def __init__(self, cfg, encoder, num_train, batch_size, device, history):
         self.cfg, self.encoder, self.device = cfg, encoder, device
         self.history = history  # RankMe since training began (the list the checkpoint saves), for the collapse warning
-        self.images = cfg["monitor_images"] or min(5000, max(200, num_train // 20))  # of each split
-        subset = dict(cfg, fraction=float(self.images))  # as probe.py --fraction=<images> picks them
+        subset = dict(cfg, fraction=float(cfg["monitor_images"] or monitor_images(num_train)))  # as probe.py picks
         picked = {"train": data.from_flags(subset, "train")}
         self.classes = len(picked["train"].classes)
         if self.classes > 1:  # the k-NN's queries; without labels (or a validation split) RankMe alone
@@ -101,7 +105,7 @@ class Monitor:
                 picked["val"] = data.build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["img_size"],
                                                    subset["fraction"], cfg["seed"])
             except FileNotFoundError:
-                self.classes = 0
+                pass
         transform, self.sets = data.eval_transform(cfg["img_size"], normalized=False), {}
         for split, images in picked.items():  # this process's share of the crops, on the device once and for all
             loader = my_share(data.Augmented(images, transform), batch_size, cfg["workers"], device)
