@@ -21,7 +21,7 @@ CHOICES = dict(recipe=("quick", "paper"), device=("auto", "cpu", "cuda"),
                dtype=("auto", "bfloat16", "float16", "float32"))
 # Settings a run may change when it resumes; any other change needs --override_config=True.
 FREE_TO_CHANGE = ("out_dir", "workers", "log_every", "save_every", "pictures", "compile", "device", "dtype",
-                  "max_unreadable", "override_config", "monitor_every")
+                  "max_unreadable", "override_config", "monitor_every", "loader", "cache")
 
 
 def print0(*args, **kwargs):

@@ -1,7 +1,6 @@
 """Images in, batches out: datasets (each item a uint8 image [3, H, W] and a label, -1 if none), augmentations
 (torchvision's, on uint8 tensors: 3-4x faster than on PIL images; pre-training batches stay uint8 until `normalize`
 runs on the device), masks and loaders."""
-import colorsys
 import functools
 import os
 import shlex
@@ -11,69 +10,13 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 import common
 from masking import beit_mask, split_patches
-
-
-# ----------------------------------------------------------------------------- built-in scenes
-def _polygon(radii, angles=None):  # radius radii[i] at angles[i] (degrees; default: evenly spaced)
-    t = np.radians(np.arange(len(radii)) * 360 / len(radii) if angles is None else angles)
-    return np.stack([np.cos(t), np.sin(t)], 1) * np.asarray(radii, dtype=float)[:, None]
-
-
-def _arc(cx, r, start, stop):  # 24 points on the circle of centre (cx, 0), from angle start to stop
-    return _polygon([r] * 24, np.linspace(start, stop, 24)) + [cx, 0]
-
-
-_t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-SHAPES = {  # class c draws shape c: outlines within the unit disc; the ring is a thick circle instead
-    "circle": _polygon([1] * 48), "square": _polygon([1] * 4), "triangle": _polygon([1] * 3),
-    "star": _polygon([1, 0.4] * 5), "cross": _polygon([1, 0.42, 0.42] * 4), "ring": None,
-    "crescent": np.concatenate([_arc(0, 1, 53, 307), _arc(0.6, 0.8, 270, 90)]), "half-disc": _arc(0, 1, 0, 180),
-    "arrow": np.array([[1, 0], [0.1, 0.75], [0.1, 0.3], [-1, 0.3], [-1, -0.3], [0.1, -0.3], [0.1, -0.75]]),
-    "heart": np.stack([np.sin(_t) ** 3, (5 * np.cos(2 * _t) + 2 * np.cos(3 * _t) + np.cos(4 * _t) - 13 * np.cos(_t))
-                       / 16], 1)}
-
-
-class SyntheticShapes(torch.utils.data.Dataset):
-    """The built-in data, drawn on the fly: class c is 3-6 shapes of kind c and a distractor, in two complementary
-    hues (c/20 and c/20 + 1/2 of the colour wheel) on a gradient or stripes of the same hues. Colours average to
-    grey, so a model must learn which colours and outlines go together; both halves of a scene show its class.
-    Image i of a split comes from np.random.default_rng((seed, split, i)): the same on every machine."""
-    def __init__(self, num_images=2000, img_size=32, split="train", seed=0):
-        self.img_size, self.seed, self.split_id = img_size, seed, ("train", "val", "test").index(split)
-        self.classes, self.targets = list(SHAPES), [i % len(SHAPES) for i in range(num_images)]  # class-balanced
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        rng, label, big = np.random.default_rng((self.seed, self.split_id, i)), self.targets[i], 2 * self.img_size
-        hues = (label / 20, label / 20 + 0.5)
-        colour = lambda hue: np.float32(colorsys.hsv_to_rgb(hue % 1, rng.uniform(0.5, 1), rng.uniform(0.5, 1))) * 255
-        c1, c2 = (colour(hue) for hue in rng.permutation(hues))
-        x = np.arange(big) / big
-        angle, waves = rng.uniform(0, 2 * np.pi), rng.choice([0, rng.uniform(3, 12)])
-        along = np.cos(angle) * x + np.sin(angle) * x[:, None]  # the position along a random direction
-        t = (along - along.min()) / np.ptp(along) if waves == 0 else 0.5 + 0.5 * np.sin(2 * np.pi * waves * along)
-        image = Image.fromarray((c1 + t[..., None] * (c2 - c1)).astype(np.uint8))
-        draw = ImageDraw.Draw(image)  # drawn at twice the size, then 2x2 pixels averaged: antialiasing
-        shapes = [(label, rng.uniform(0.14, 0.26), colour(rng.choice(hues))) for _ in range(rng.integers(3, 7))]
-        shapes.insert(rng.integers(len(shapes) + 1), (rng.integers(len(SHAPES)), rng.uniform(0.08, 0.12),
-                                                     rng.uniform(0, 255, 3)))  # the distractor
-        for kind, radius, rgb in shapes:
-            centre, angle, radius = rng.uniform(0, big, 2), rng.uniform(0, 2 * np.pi), radius * big
-            fill = tuple(rgb.astype(int).tolist())
-            if SHAPES[self.classes[kind]] is None:
-                draw.ellipse([*(centre - radius), *(centre + radius)], outline=fill, width=max(1, round(0.4 * radius)))
-            else:
-                rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-                draw.polygon([tuple(p) for p in SHAPES[self.classes[kind]] @ rotation.T * radius + centre], fill=fill)
-        return v2.functional.pil_to_tensor(image.reduce(2)), label
+from scenes import SyntheticShapes  # the built-in data
 
 
 # ----------------------------------------------------------------------------- image files
@@ -285,11 +228,15 @@ class Augmented(torch.utils.data.Dataset):
                     print(f"warning: skipping unreadable image {j}: {e}", file=sys.stderr)
         raise RuntimeError(f"100 unreadable images in a row from index {i}: is this an image dataset?")
 
+    def seeded(self, i, fn, *args):
+        """fn(*args) under the seed of sample i, leaving the caller's RNG stream untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.sample_seed(i))  # not torch.manual_seed: it reseeds CUDA too
+            return fn(*args)
+
     def __getitem__(self, i):
         image, label = self.load(i)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
-            torch.default_generator.manual_seed(self.sample_seed(i))  # not torch.manual_seed: it reseeds CUDA too
-            return self.transform(image), label
+        return self.seeded(i, self.transform, image), label
 
 
 class MaskedImages(Augmented):
@@ -301,19 +248,26 @@ class MaskedImages(Augmented):
         self.method, self.grid = method, (grid, grid) if isinstance(grid, int) else tuple(grid)
         self.mask_ratio, self.mask_kind, self.min_block = mask_ratio, mask_kind, min_block
 
+    def patches(self, i):  # SplitMask's visible patches, or BEiT's masked ones, of sample i
+        args = (self.grid, self.mask_ratio, np.random.default_rng(self.sample_seed(i)), self.mask_kind, self.min_block)
+        return torch.from_numpy(split_patches(*args) if self.method == "splitmask" else np.flatnonzero(beit_mask(*args)))
+
     def __getitem__(self, i):
         image, label = super().__getitem__(i)
-        args = (self.grid, self.mask_ratio, np.random.default_rng(self.sample_seed(i)), self.mask_kind, self.min_block)
-        patches = split_patches(*args) if self.method == "splitmask" else np.flatnonzero(beit_mask(*args))
-        return image, torch.from_numpy(patches).long(), label  # SplitMask's visible patches, or BEiT's masked ones
+        return image, self.patches(i).long(), label
 
 
 class Sampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start an epoch part-way, for a run resumed mid-epoch."""
-    skip = 0
+    """DistributedSampler that can start an epoch part-way, for a run resumed mid-epoch. own_shard=True: each process
+    draws from its own shard of the images (rank, rank + world, ...: what a sharded device cache holds), reshuffled."""
+    skip, own_shard = 0, False
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        if not self.own_shard:
+            return iter(list(super().__iter__())[self.skip:])
+        shard = torch.arange(self.rank, len(self.dataset), self.num_replicas)
+        order = torch.randperm(len(shard), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter(shard[order][:self.num_samples].tolist()[self.skip:])
 
     def __len__(self):
         return self.num_samples - self.skip
@@ -330,13 +284,13 @@ def cpu_workers():  # loader processes per training process: the cores it may us
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1))
 
 
-def make_loader(dataset, batch_size, train=True, workers=4, seed=0, pin=False):
+def make_loader(dataset, batch_size, train=True, workers=4, seed=0, pin=False, collate_fn=None):
     """A DataLoader ordered by (seed, epoch) (set_epoch before every epoch), sharded across processes (in evaluation
     a few samples repeat to even the shards); pin=True: page-locked batches, which a GPU copies without waiting."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_available() and dist.is_initialized() else (1, 0)
     sampler = Sampler(dataset, world, rank, shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(
-        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
+        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=pin, collate_fn=collate_fn,
         drop_last=train, persistent_workers=workers > 0, worker_init_fn=leave_stop_signals_to_main,
         generator=torch.Generator().manual_seed(seed))  # worker seeds: not drawn from the global RNG
 
@@ -347,4 +301,5 @@ def set_epoch(loader, epoch, skip_batches=0):
     loader.sampler.skip = skip_batches * loader.batch_size
     if hasattr(loader.dataset, "epoch"):
         loader.dataset.epoch.fill_(epoch)
-        loader.dataset.unreadable.zero_()
+        for count in ("unreadable", "cpu_decoded"):  # the device path counts images it decoded on the CPU too
+            getattr(loader.dataset, count, torch.zeros(())).zero_()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import common
 import data
+import device_data
 import tokenizers
 from features import Monitor
 from model import VIT_SIZES, BEiT, SplitMask, ViT, param_groups
@@ -72,6 +73,8 @@ config = dict(
     dtype="auto",  # auto: bfloat16 on GPUs that have it, float16 on older ones, float32 on a CPU; or one of those
     compile=False,  # torch.compile the model
     workers=data.cpu_workers(),  # loader processes per training process
+    loader="auto",  # device: workers read bytes, the device decodes and augments | workers: all in workers | auto: GPU?
+    cache="auto",  # device loader: decode the set once, keep it on the device | off | auto: if it takes <25% of it
     seed=0,  # seeds weights, data order, augmentation, masks and words
     log_every=10,  # steps between log lines
     save_every=1,  # epochs between checkpoints
@@ -132,13 +135,12 @@ def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_s
     return stats
 
 
-def on_device(loader, accum_steps, device):
-    """The loader's batches on the device, accum_steps per optimizer step, uint8 images normalised there (a quarter of
-    the host traffic); an incomplete last group is left out."""
+def on_device(loader, accum_steps, to_device):
+    """The loader's batches on the device (to_device: the uint8 images and their patches there), accum_steps per
+    optimizer step, the images normalised there (a quarter of the host traffic); an incomplete last group is left out."""
     batches = iter(loader)
     while len(group := list(itertools.islice(batches, accum_steps))) == accum_steps:
-        yield [(data.normalize(images.to(device, non_blocking=True)), patches.to(device, non_blocking=True))
-               for images, patches, _ in group]
+        yield [(data.normalize(images), patches) for images, patches in map(to_device, group)]
 
 
 def save_picture(path, model, images, patches, vocab, patch_size):
@@ -204,7 +206,7 @@ def fit_vocabulary(cfg, images, transform, num_patches, device):
 
 def main():
     choices = dict(dataset=data.DATASETS, method=("splitmask", "beit"), model=VIT_SIZES, mask_kind=("block", "random"),
-                   tokenizer=tokenizers.VOCAB_KINDS)
+                   tokenizer=tokenizers.VOCAB_KINDS, loader=("auto", "device", "workers"), cache=("auto", "device", "off"))
     cfg, given = common.configure(config, __doc__, __file__, PRESETS, chosen_presets, choices)
     world, processes_x_accum = common.WORLD, common.WORLD * cfg["accum_steps"]
     common.check(cfg, [
@@ -219,6 +221,7 @@ def main():
         (cfg["temperature"] > 0, f"--temperature={cfg['temperature']} must be positive"),
         (cfg["monitor_every"] >= 0 and cfg["monitor_images"] != 1 and cfg["monitor_images"] >= 0, "--monitor_every="
          f"{cfg['monitor_every']} must be 0 (off) or more, --monitor_images={cfg['monitor_images']} 0 (auto) or 2+"),
+        (cfg["cache"] != "device" or cfg["loader"] != "workers", "--cache=device needs --loader=device (or auto)"),
         (cfg["vocab_size"] >= 2, f"--vocab_size={cfg['vocab_size']} must be at least 2"),
         (cfg["tokenizer"] == "random_projection" or cfg["tokenizer_samples"] >= cfg["vocab_size"],
          f"--tokenizer_samples={cfg['tokenizer_samples']} must be at least --vocab_size={cfg['vocab_size']}"),
@@ -233,14 +236,17 @@ def main():
     common.make_out_dir(cfg)
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 
-    # data: images, their augmentation and masks, drawn per image in the loader workers
+    # data: images, their augmentation and masks, drawn per image in the loader workers; with --loader=device (on a
+    # GPU) the workers only read the files and draw, and the device decodes and augments (device_data.py)
     encoder = ViT(cfg["model"], cfg["img_size"], cfg["patch_size"], cfg["drop_path"], cfg["layer_scale"])
     images = data.from_flags(cfg, "train")
     transform = data.pretrain_transform(cfg["img_size"], cfg["crop_min_scale"], cfg["strong_aug"])
-    train_set = data.MaskedImages(images, transform, encoder.grid, cfg["method"], cfg["mask_ratio"],
-                                  cfg["mask_kind"], cfg["min_block"], seed=cfg["seed"])
+    on_device_path = cfg["loader"] == "device" or cfg["loader"] == "auto" and device.type == "cuda"
+    train_set = (device_data.EncodedImages if on_device_path else data.MaskedImages)(
+        images, transform, encoder.grid, cfg["method"], cfg["mask_ratio"], cfg["mask_kind"], cfg["min_block"],
+        seed=cfg["seed"])
     loader = data.make_loader(train_set, micro_batch, train=True, workers=cfg["workers"], seed=cfg["seed"],
-                              pin=device.type == "cuda")
+                              pin=device.type == "cuda", collate_fn=device_data.collate if on_device_path else None)
     steps_per_epoch = len(loader) // cfg["accum_steps"]
     if steps_per_epoch == 0:
         common.fail(f"{len(images)} images give no full batch of {cfg['batch_size']}: lower --batch_size")
@@ -288,14 +294,15 @@ def main():
     def log_step(epoch, lr, sums, steps, seconds):
         """Means over the steps since the last log and over the processes (the one host sync: every process learns of
         bad images and non-finite losses), checked, logged and printed."""
-        totals = torch.stack([*sums.values(), torch.tensor(float(train_set.unreadable), device=device)])
+        counts = [float(train_set.unreadable), float(getattr(train_set, "cpu_decoded", 0))]
+        totals = torch.cat([torch.stack(list(sums.values())), torch.tensor(counts, device=device)])
         if world > 1:
             dist.all_reduce(totals)
-        means, unreadable = dict(zip(sums, (totals[:-1] / (steps * world)).tolist())), int(totals[-1])
+        means, (unreadable, cpu_decoded) = dict(zip(sums, (totals[:-2] / (steps * world)).tolist())), totals[-2:].int().tolist()
         common.check_health(cfg, step, list(means.values()), scaler, unreadable, len(images), epoch)
         img_s = steps * cfg["batch_size"] / seconds
         row = dict(step=step, epoch=epoch, lr=lr, **means, img_s=img_s, unreadable=unreadable,
-                   mfu=img_s * flops_per_image / world / peak_flops)
+                   mfu=img_s * flops_per_image / world / peak_flops, **(dict(cpu_decoded=cpu_decoded) if on_device_path else {}))
         common.log(cfg, row)
         if common.MASTER:  # a plain line per log step, what a log file keeps (the bar is drawn on a terminal only)
             bar.write(f"step {step}/{total_steps} | loss {means['loss']:.3f} (mim {means['mim_loss']:.3f}, nce "
@@ -304,6 +311,8 @@ def main():
         if unreadable and step % steps_per_epoch == 0:
             common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch}")
 
+    to_device = device_data.device_batches(cfg, train_set, loader, device) if on_device_path else (
+        lambda batch: (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)))
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     bar = tqdm(total=total_steps, initial=step, disable=None if common.MASTER else True, dynamic_ncols=True)
     picture_batch, stop.training = None, True
@@ -312,7 +321,7 @@ def main():
         data.set_epoch(loader, epoch, skip_batches=(step % steps_per_epoch) * cfg["accum_steps"])
         train_model.train()
         sums, steps, tick = {}, 0, time.perf_counter()
-        for micro_batches in on_device(loader, cfg["accum_steps"], device):
+        for micro_batches in on_device(loader, cfg["accum_steps"], to_device):
             lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
             stats = train_step(train_model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"],
                                cfg["clip_grad"])
