@@ -192,14 +192,16 @@ class DeviceBatches:
         return augment(images, draws, self.dataset.transform), patches.to(self.device, non_blocking=True)
 
 
-def cache_side(img_size):  # the cache's short side: the evaluation resize (256 px for 224)
-    return round(img_size / 0.875)
+def cache_side(img_size, crop_min_scale):
+    """The cache's short side: the smallest crop (crop_min_scale of the area) still spans img_size pixels of it, so
+    no crop is resized up from fewer pixels than the file has (792 px at 224 with 8% crops: most photos as they are)."""
+    return math.ceil(img_size / math.sqrt(crop_min_scale))
 
 
 def plan_cache(cfg, dataset, device):
     """'all' (every process holds every image), 'shard' (each holds every world-th) or 'off', by --cache, the set's
     decoded size (estimated from the headers of 100 images) and the device's free memory; the plan is printed."""
-    world, side, n = common.WORLD, cache_side(cfg["img_size"]), len(dataset)
+    world, side, n = common.WORLD, cache_side(cfg["img_size"], cfg["crop_min_scale"]), len(dataset)
     sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"]))[:100].tolist()
     sizes = [dataset.read(i)[1] for i in sample]
     need = n * sum(3 * h * w * min(1, side / min(h, w)) ** 2 for h, w in sizes) / len(sizes)  # bytes
@@ -239,7 +241,8 @@ def device_batches(cfg, dataset, loader, device):
     loader.sampler.own_shard = plan == "shard"
     if plan == "off":
         return DeviceBatches(dataset, device)
-    cache = fill_cache(dataset, plan, device, cache_side(cfg["img_size"]), cfg["workers"])
+    dataset.unreadable.zero_(), dataset.cpu_decoded.zero_()  # what the plan's sample read is not the fill's count
+    cache = fill_cache(dataset, plan, device, cache_side(cfg["img_size"], cfg["crop_min_scale"]), cfg["workers"])
     counts = torch.tensor([float(dataset.unreadable), float(dataset.cpu_decoded)], device=device)
     if plan == "shard" and common.WORLD > 1:
         dist.all_reduce(counts)
