@@ -28,6 +28,7 @@ from PIL import Image
 
 import common
 import data
+import device_data
 import tokenizers
 from features import knn_accuracy, monitor_images
 from masking import beit_mask, split_patches
@@ -220,6 +221,28 @@ def loading_rows(cfg, folder, rounds=3):
     return {name: len(files) / seconds for name, seconds in t.items()}
 
 
+def device_path_rates(cfg, folder, device, rounds=3):
+    """Images/s of the device path (pretrain.py --loader=device) on the same files: one worker reading bytes and
+    drawing augmentations and masks (one thread), and the device decoding and augmenting the batch (on a CPU: its
+    threads), crop and flip alone, with the strong augmentation, and from the device cache (no decoding)."""
+    files = data.build_dataset("folder", folder, "train").samples[:64]
+    size, grid = cfg["img_size"], cfg["img_size"] // cfg["patch_size"]
+    plain, strong, cached = (device_data.EncodedImages(data.ImageFiles(files, []), data.pretrain_transform(
+        size, 0.08, aug), grid, "splitmask", 0.5, "block", 16) for aug in (False, True, False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker
+    worker = seconds_per_call(dict(worker=lambda: [plain[i] for i in range(len(files))]), torch.device("cpu"), 1,
+                              rounds)["worker"]
+    torch.set_num_threads(threads)
+    cache = device_data.fill_cache(cached, "all", device, device_data.cache_side(size, 0.08), workers=0)
+    batches = {name: (dataset, device_data.collate([dataset[i] for i in range(len(files))]))
+               for name, dataset in dict(plain=plain, strong=strong, cached=cached).items()}
+    calls = {name: lambda d=d, b=b: device_data.DeviceBatches(d, device, cache if d is cached else None)(b)
+             for name, (d, b) in batches.items()}
+    t = seconds_per_call(calls, device, 1, rounds)
+    return dict(worker=len(files) / worker, **{name: len(files) / seconds for name, seconds in t.items()})
+
+
 def machine(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -316,6 +339,16 @@ def main():
         step_rate = B / t_split if device.type == "cuda" else cfg["gpu_img_s"]
         row("loader workers to feed the step", f"{step_rate / rate['ours_with_masks']:.1f}",
             f"at {step_rate:.0f} img/s ({'this step' if device.type == 'cuda' else 'a stated GPU rate: --gpu_img_s'})")
+        fast = device_path_rates(cfg, folder, device)
+        row("device path: one worker (bytes, draws, masks)", f"{fast['worker']:.0f} img/s",
+            f"{fast['worker'] / rate['ours_with_masks']:.1f}x a decoding worker's (with masks)")
+        row("device path: workers to feed the step", f"{step_rate / fast['worker']:.1f}", f"at {step_rate:.0f} img/s")
+        row(f"device path: decode + augment on the {device.type}", f"{fast['plain']:.0f} img/s",
+            f"strong augmentation {fast['strong']:.0f} img/s; from the device cache {fast['cached']:.0f} img/s"
+            + ("" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"))
+        if device.type == "cuda":  # the GPU decodes and trains: its share of the step's time
+            row("device path / the step", f"{fast['plain'] / step_rate:.2f}x", f"{fast['cached'] / step_rate:.1f}x "
+                f"from the cache; {fast['strong'] / step_rate:.2f}x with strong augmentation (target: 1.5x for ViT-S)")
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     with open(cfg["out"], "w") as f:
         json.dump(dict(config=cfg, machine=machine(device), torch=torch.__version__, rows=rows,

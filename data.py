@@ -250,7 +250,8 @@ class MaskedImages(Augmented):
 
     def patches(self, i):  # SplitMask's visible patches, or BEiT's masked ones, of sample i
         args = (self.grid, self.mask_ratio, np.random.default_rng(self.sample_seed(i)), self.mask_kind, self.min_block)
-        return torch.from_numpy(split_patches(*args) if self.method == "splitmask" else np.flatnonzero(beit_mask(*args)))
+        patches = split_patches(*args) if self.method == "splitmask" else np.flatnonzero(beit_mask(*args))
+        return torch.from_numpy(patches)
 
     def __getitem__(self, i):
         image, label = super().__getitem__(i)

@@ -25,7 +25,7 @@ SHARE = 0.25  # --cache=auto keeps the decoded set on the device when it takes a
 
 
 def steps(transform):
-    """data.pretrain_transform's steps by name, RandomApply unwrapped: {"RandomResizedCrop": ..., "ColorJitter": ...}."""
+    """data.pretrain_transform's steps by name, RandomApply unwrapped: {"RandomResizedCrop": step, ...}."""
     return {type(s.transforms[0] if isinstance(s, v2.RandomApply) else s).__name__: s for s in transform.transforms}
 
 
@@ -76,28 +76,31 @@ def augment(images, draws, transform):
                      for image, box in zip(images, boxes)])
     d = draws.to(device, torch.float32, non_blocking=True).view(len(x), -1, 1, 1, 1).unbind(1)  # each [N, 1, 1, 1]
     x = torch.where(d[D["flip"]] > 0, x.flip(-1), x)
-    if "ColorJitter" in s:  # at each of four positions, the adjustment each image drew for it (a factor of 1: none)
-        order, jittered, one = torch.cat(d[D["order0"]:D["order3"] + 1], 1), d[D["jitter"]] > 0, torch.ones_like(d[0])
+
+    def chosen(rows):  # the images a draw picked, as an index on the device (the draws are on the host: no wait)
+        return torch.nonzero(rows).flatten().to(device, non_blocking=True)
+
+    if "ColorJitter" in s:  # brightness, contrast, saturation, hue, in each image's drawn order (ColorJitter's fn_idx)
+        adjust = (lambda x, f: _blend(x, 0, f), lambda x, f: _blend(x, _gray(x).floor_().mean((1, 2, 3), True), f),
+                  lambda x, f: _blend(x, _gray(x).floor_(), f), _hue)  # towards black, mean grey, own grey; hue
         for position in range(4):
-            now = [jittered & (order[:, position:position + 1] == k) for k in range(4)]  # ColorJitter's fn_idx
-            factor = [torch.where(now[k], d[D[name]], one) for k, name in enumerate(DRAWS[10:13])]
-            x = _blend(x, 0, factor[0])  # brightness: towards black
-            x = _blend(x, _gray(x).floor_().mean((1, 2, 3), keepdim=True), factor[1])  # contrast: towards mean grey
-            x = _blend(x, _gray(x).floor_(), factor[2])  # saturation: towards the image's own grey
-            x = torch.where(now[3], _hue(x, d[D["hue"]]), x)
+            for k, name in enumerate(DRAWS[10:14]):
+                rows = (draws[:, D["jitter"]] > 0) & (draws[:, D["order0"] + position] == k)
+                if rows.any():
+                    x[chosen(rows)] = adjust[k](x[chosen(rows)], d[D[name]][chosen(rows)])
     if "RandomGrayscale" in s:
         x = torch.where(d[D["gray"]] > 0, _gray(x).to(torch.uint8).expand_as(x), x)
-    if "GaussianBlur" in s:  # separable (torchvision convolves once with the outer product): rows, then columns
-        size = s["GaussianBlur"].transforms[0].kernel_size[0]
-        lim = (size - 1) / (2 * math.sqrt(2))
-        sigma = torch.where(d[D["blur"]] > 0, d[D["sigma"]], 1.0).view(-1, 1)
-        kernel = torch.softmax(-(torch.linspace(-lim, lim, size, device=device) / sigma) ** 2, 1)  # torchvision's
-        n, c, h, w = x.shape
-        y = torch.nn.functional.pad(x.float(), [size // 2] * 4, mode="reflect").view(1, n * c, h + size - 1, -1)
-        weight = kernel.repeat_interleave(c, 0)
+    if "GaussianBlur" in s and (rows := draws[:, D["blur"]] > 0).any():  # separable: rows, then columns (torchvision
+        size, blurred = s["GaussianBlur"].transforms[0].kernel_size[0], chosen(rows)  # convolves once, in 2-D)
+        lim, n, c, h, w = (size - 1) / (2 * math.sqrt(2)), int(rows.sum()), *x.shape[1:]
+        sigma = d[D["sigma"]][blurred].view(-1, 1)  # torchvision's kernel, each image with its own sigma
+        weight = torch.softmax(-(torch.linspace(-lim, lim, size, device=device) / sigma) ** 2, 1)
+        weight = weight.repeat_interleave(c, 0)
+        y = torch.nn.functional.pad(x[blurred].float(), [size // 2] * 4, mode="reflect")
+        y = y.view(1, n * c, h + size - 1, w + size - 1)
         y = torch.nn.functional.conv2d(y, weight.view(n * c, 1, 1, size), groups=n * c)
         y = torch.nn.functional.conv2d(y, weight.view(n * c, 1, size, 1), groups=n * c)
-        x = torch.where(d[D["blur"]] > 0, y.view(n, c, h, w).round_().to(torch.uint8), x)
+        x[blurred] = y.view(n, c, h, w).round_().to(torch.uint8)
     if "RandomSolarize" in s:
         x = torch.where((d[D["solarize"]] > 0) & (x >= s["RandomSolarize"].threshold), 255 - x, x)
     return x

@@ -12,8 +12,9 @@ What the first minutes on a GPU machine should check, as one table (also saved a
 3. torchrun pretrain.py on every GPU on the built-in scenes (NCCL, the InfoNCE gather across GPUs,
    checkpoints), killed after its first checkpoint and resumed from it; then probe.py and finetune.py
    for a few steps on its checkpoint;
-4. bench.py's loader rows on 640x480 JPEGs: one worker against plain torchvision, and how many
-   workers the step needs, against the cores this machine has.
+4. bench.py's loader rows on 640x480 JPEGs: one worker against plain torchvision; the device path (--loader=device,
+   the default on a GPU: nvjpeg and the augmentation on the GPU) against the ViT-B/16 and ViT-S/16 steps, its workers
+   (bytes and draws only) and from the device cache; how many workers the step needs, against this machine's cores.
 Every row is checked whatever the others do: the whole table always prints, a failed row carries the end of
 its run's own error output, and the exit code is 1 when any row failed. Without CUDA it says so and exits 0.
 """
@@ -171,15 +172,22 @@ def guarded(rows, name, check, *args):
         rows.append((name, "FAILED", f"{type(e).__name__} at {where}: {e}"[:600]))
 
 
-def bench(cfg, compiled, sizes):
-    out = os.path.join(cfg["out_dir"], f"bench_{'compiled' if compiled else 'eager'}.json")
-    features = "" if compiled else "2000,2,16" if cfg["tiny"] else "100000,12,768"  # probe.py's rows, eager only
+def bench(cfg, compiled, sizes, label=""):
+    """bench.py's rows (compiled: the step's only); label: a second model's run, its step and device-path rows."""
+    out = os.path.join(cfg["out_dir"], f"bench_{'compiled' if compiled else 'eager'}{label.strip(' ()')}.json")
+    features = "" if compiled or label else "2000,2,16" if cfg["tiny"] else "100000,12,768"  # probe.py's: eager only
     command = [sys.executable, "bench.py", f"--device={cfg['device']}", f"--compile={compiled}", "--nce_sizes=",
                f"--loader={not compiled}", f"--probe_features={features}", f"--out={out}", *sizes]
     code, seconds, stdout, stderr = run(command, cfg["timeout"])
     rows = json.load(open(out))["rows"] if code == 0 else [("bench.py", "FAILED", f"exit {code}: {tail(stderr)}")]
-    return [(f"{name}{' (compiled)' if compiled else ''}", value, note) for name, value, note in rows
-            if compiled is False or "step" in name or "MFU" in name or "epochs" in name or "memory" in name]
+
+    def wanted(name):  # eager: every row; compiled: the step's; a second model: its step's and the device path's
+        if name == "bench.py" or not compiled and not label:
+            return True
+        return name.startswith(("SplitMask step", "device path")) if label else any(
+            word in name for word in ("step", "MFU", "epochs", "memory"))
+    return [(f"{name}{' (compiled)' if compiled else label}", value, note) for name, value, note in rows
+            if wanted(name)]
 
 
 def kill_job(pid, timeout):
@@ -277,6 +285,8 @@ def main():
         torch.cuda.empty_cache()  # the runs below have the GPU to themselves (but for this process's context)
     for compiled in (False, True) if cfg["device"] != "cpu" else (False,):  # compiling on a CPU: minutes
         guarded(rows, f"bench.py{' (compiled)' if compiled else ''}", bench, cfg, compiled, model_sizes)
+    small = model_sizes if cfg["tiny"] else ["--model=small", "--batch_size=256"]
+    guarded(rows, "bench.py (ViT-S)", bench, cfg, False, small, " (ViT-S)")
     guarded(rows, "torchrun pretrain.py: kill and resume", pretrain_kill_resume, cfg, gpus, run_sizes)
     ckpt = os.path.join(cfg["out_dir"], "pretrain", "ckpt.pt")
     for script, flags in (("probe.py", ["--probe_epochs=5"]), ("finetune.py", ["--epochs=1", "--warmup_epochs=0"])):
@@ -288,7 +298,8 @@ def main():
                                              *flags], cfg["timeout"])
         rows.append((f"{script} on its checkpoint", "ok" if code == 0 else "FAILED",
                      f"{seconds:.0f} s: {tail(stdout, 1) if code == 0 else f'exit {code}: ' + tail(stderr)}"))
-    workers = next((float(value) for name, value, _ in rows if name == "loader workers to feed the step"), None)
+    path = "device path: workers to feed the step" if cfg["device"] != "cpu" else "loader workers to feed the step"
+    workers = next((float(value) for name, value, _ in rows if name == path), None)  # pretrain.py's loader there
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if workers is not None and math.isfinite(workers):
         limit = "the loader" if workers * gpus > cores - gpus else "the GPU"

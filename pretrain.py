@@ -9,7 +9,6 @@ Table 8 of the paper: --method=beit, --nce_weight=0 (split + inpaint), --mim_wei
 Relaunching the same command resumes from out_dir; Ctrl-C, SIGTERM and SIGUSR1 save and exit.
 """
 import itertools
-import math
 import os
 import shlex
 import time
@@ -137,7 +136,7 @@ def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_s
 
 def on_device(loader, accum_steps, to_device):
     """The loader's batches on the device (to_device: the uint8 images and their patches there), accum_steps per
-    optimizer step, the images normalised there (a quarter of the host traffic); an incomplete last group is left out."""
+    optimizer step, images normalised there (a quarter of the host traffic); an incomplete last group is left out."""
     batches = iter(loader)
     while len(group := list(itertools.islice(batches, accum_steps))) == accum_steps:
         yield [(data.normalize(images), patches) for images, patches in map(to_device, group)]
@@ -186,27 +185,10 @@ def save_picture(path, model, images, patches, vocab, patch_size):
     canvas.save(path)
 
 
-def fit_vocabulary(cfg, images, transform, num_patches, device):
-    """Fitted on k patches of each of tokenizer_samples / k seeded training images: every process reads its share and
-    fits the same vocabulary (none waits). Too many unreadable images stop the run here, before training."""
-    per_image = min(num_patches, math.ceil(cfg["tokenizer_samples"] / len(images)))
-    sample = tokenizers.PatchSample(images, transform, cfg["patch_size"], per_image,
-                                    math.ceil(cfg["tokenizer_samples"] / per_image), cfg["seed"])
-    vocab = tokenizers.build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"], sample,
-                                   cfg["tokenizer_samples"], device=device, workers=cfg["workers"])
-    unreadable = torch.tensor(float(sample.unreadable), device=device)
-    if common.WORLD > 1:
-        dist.all_reduce(unreadable)
-    if unreadable > cfg["max_unreadable"] * len(sample):
-        common.fail(f"{int(unreadable)} of the {len(sample)} images the vocabulary pass read are unreadable, such as "
-                    f"{', '.join(sample.unreadable_files())}: fix or remove them, or let the run skip them "
-                    f"with --max_unreadable={math.ceil(100 * unreadable.item() / len(sample)) / 100}")
-    return vocab
-
-
 def main():
     choices = dict(dataset=data.DATASETS, method=("splitmask", "beit"), model=VIT_SIZES, mask_kind=("block", "random"),
-                   tokenizer=tokenizers.VOCAB_KINDS, loader=("auto", "device", "workers"), cache=("auto", "device", "off"))
+                   tokenizer=tokenizers.VOCAB_KINDS, loader=("auto", "device", "workers"),
+                   cache=("auto", "device", "off"))
     cfg, given = common.configure(config, __doc__, __file__, PRESETS, chosen_presets, choices)
     world, processes_x_accum = common.WORLD, common.WORLD * cfg["accum_steps"]
     common.check(cfg, [
@@ -267,7 +249,8 @@ def main():
 
     # the targets (Sec. 4, Table 2): visual words of a vocabulary fitted on patches of the training images; a
     # resumed run keeps the one it saved
-    vocab = state["vocab"].to(device) if state else fit_vocabulary(cfg, images, transform, encoder.num_patches, device)
+    vocab = state["vocab"].to(device) if state else tokenizers.fit_vocabulary(cfg, images, transform,
+                                                                              encoder.num_patches, device)
     # what to run next, on the same data: the probes where there are labels, else the export
     ckpt, timm_file = shlex.quote(ckpt_path), shlex.quote(os.path.join(cfg["out_dir"], "vit_timm.pth"))
     next_step = f"next: python probe.py --init={ckpt}{data.same_data(cfg, given)}" if len(images.classes) > 1 else (
@@ -294,15 +277,16 @@ def main():
     def log_step(epoch, lr, sums, steps, seconds):
         """Means over the steps since the last log and over the processes (the one host sync: every process learns of
         bad images and non-finite losses), checked, logged and printed."""
-        counts = [float(train_set.unreadable), float(getattr(train_set, "cpu_decoded", 0))]
+        counts = [float(getattr(train_set, key, 0)) for key in ("unreadable", "cpu_decoded")]
         totals = torch.cat([torch.stack(list(sums.values())), torch.tensor(counts, device=device)])
         if world > 1:
             dist.all_reduce(totals)
-        means, (unreadable, cpu_decoded) = dict(zip(sums, (totals[:-2] / (steps * world)).tolist())), totals[-2:].int().tolist()
+        means = dict(zip(sums, (totals[:-2] / (steps * world)).tolist()))
+        unreadable, cpu_decoded = totals[-2:].int().tolist()
         common.check_health(cfg, step, list(means.values()), scaler, unreadable, len(images), epoch)
         img_s = steps * cfg["batch_size"] / seconds
         row = dict(step=step, epoch=epoch, lr=lr, **means, img_s=img_s, unreadable=unreadable,
-                   mfu=img_s * flops_per_image / world / peak_flops, **(dict(cpu_decoded=cpu_decoded) if on_device_path else {}))
+                   mfu=img_s * flops_per_image / world / peak_flops, cpu_decoded=cpu_decoded)
         common.log(cfg, row)
         if common.MASTER:  # a plain line per log step, what a log file keeps (the bar is drawn on a terminal only)
             bar.write(f"step {step}/{total_steps} | loss {means['loss']:.3f} (mim {means['mim_loss']:.3f}, nce "

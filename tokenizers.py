@@ -5,6 +5,8 @@ vocabularies needing no such training as good on iNat-19 (DALL-E 75.2; random pr
 75.3, k-means 75.0) and 26% faster. A vocabulary is V unit vectors e_i; the token of a patch x is argmax_i <x, e_i>
 (Eq. 1), x being 8x8x3 normalised pixels at half resolution (per 16x16 encoder patch): a token names a direction.
 """
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -12,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import data
 
 VOCAB_KINDS = ("random_projection", "random_patches", "kmeans")
@@ -154,3 +157,21 @@ def build_vocab(kind, vocab_size, patch_size, seed, sample=None, num_patches=1_0
     if kind == "random_patches":
         return random_patches_vocab(patches, vocab_size, seed)
     return kmeans_vocab(patches, vocab_size, seed, iters=kmeans_iters)
+
+
+def fit_vocabulary(cfg, images, transform, num_patches, device):
+    """Fitted on k patches of each of tokenizer_samples / k seeded training images: every process reads its share and
+    fits the same vocabulary (none waits). Too many unreadable images stop the run here, before training."""
+    per_image = min(num_patches, math.ceil(cfg["tokenizer_samples"] / len(images)))
+    num_images = math.ceil(cfg["tokenizer_samples"] / per_image)
+    sample = PatchSample(images, transform, cfg["patch_size"], per_image, num_images, cfg["seed"])
+    vocab = build_vocab(cfg["tokenizer"], cfg["vocab_size"], cfg["patch_size"], cfg["seed"], sample,
+                        cfg["tokenizer_samples"], device=device, workers=cfg["workers"])
+    unreadable = torch.tensor(float(sample.unreadable), device=device)
+    if common.WORLD > 1:
+        dist.all_reduce(unreadable)
+    if unreadable > cfg["max_unreadable"] * len(sample):
+        common.fail(f"{int(unreadable)} of the {len(sample)} images the vocabulary pass read are unreadable, such as "
+                    f"{', '.join(sample.unreadable_files())}: fix or remove them, or let the run skip them "
+                    f"with --max_unreadable={math.ceil(100 * unreadable.item() / len(sample)) / 100}")
+    return vocab

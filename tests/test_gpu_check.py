@@ -10,7 +10,9 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     result = run("gpu_check.py", "--device=cpu", "--tiny=True", f"--out_dir={tmp_path}", timeout=600)
     rows = {name: (value, note) for name, value, note in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
     for name in ("SplitMask step", "BEiT step", "loading: plain torchvision, one worker", "loading: ours, one worker",
-                 "loader workers to feed the step", "what limits the step"):
+                 "loader workers to feed the step", "what limits the step", "device path: one worker (bytes, draws, masks)",
+                 "device path: decode + augment on the cpu", "SplitMask step (ViT-S)",
+                 "device path: decode + augment on the cpu (ViT-S)"):
         assert name in rows and name in result.stdout, name
     resumed = rows["torchrun pretrain.py: kill and resume"]
     assert resumed[0] == "ok" and "2 processes, killed after step 4, resumed from it to step 16" in resumed[1], resumed
