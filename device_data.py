@@ -12,6 +12,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv  # batched already
+from tqdm import tqdm
 
 import common
 import data
@@ -90,10 +91,10 @@ def augment(images, draws, transform):
                     x[chosen(rows)] = adjust[k](x[chosen(rows)], d[D[name]][chosen(rows)])
     if "RandomGrayscale" in s:
         x = torch.where(d[D["gray"]] > 0, _gray(x).to(torch.uint8).expand_as(x), x)
-    if "GaussianBlur" in s and (rows := draws[:, D["blur"]] > 0).any():  # separable: rows, then columns (torchvision
-        size, blurred = s["GaussianBlur"].transforms[0].kernel_size[0], chosen(rows)  # convolves once, in 2-D)
-        lim, n, c, h, w = (size - 1) / (2 * math.sqrt(2)), int(rows.sum()), *x.shape[1:]
-        sigma = d[D["sigma"]][blurred].view(-1, 1)  # torchvision's kernel, each image with its own sigma
+    if "GaussianBlur" in s and (rows := draws[:, D["blur"]] > 0).any():  # torchvision's kernel, each image its own
+        size, blurred = s["GaussianBlur"].transforms[0].kernel_size[0], chosen(rows)  # sigma; applied separably:
+        lim, n, c, h, w = (size - 1) / (2 * math.sqrt(2)), int(rows.sum()), *x.shape[1:]  # rows, then columns
+        sigma = d[D["sigma"]][blurred].view(-1, 1)
         weight = torch.softmax(-(torch.linspace(-lim, lim, size, device=device) / sigma) ** 2, 1)
         weight = weight.repeat_interleave(c, 0)
         y = torch.nn.functional.pad(x[blurred].float(), [size // 2] * 4, mode="reflect")
@@ -204,26 +205,24 @@ def cache_side(img_size, crop_min_scale):
 def plan_cache(cfg, dataset, device):
     """'all' (every process holds every image), 'shard' (each holds every world-th) or 'off', by --cache, the set's
     decoded size (estimated from the headers of 100 images) and the device's free memory; the plan is printed."""
+    if cfg["cache"] == "off" or cfg["cache"] == "auto" and device.type != "cuda":
+        return "off"
     world, side, n = common.WORLD, cache_side(cfg["img_size"], cfg["crop_min_scale"]), len(dataset)
     sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"]))[:100].tolist()
     sizes = [dataset.read(i)[1] for i in sample]
     need = n * sum(3 * h * w * min(1, side / min(h, w)) ** 2 for h, w in sizes) / len(sizes)  # bytes
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else math.inf
     fits = [plan for plan, share in (("all", need), ("shard", need / world)) if share <= SHARE * free]
-    plan = "off" if cfg["cache"] == "off" or cfg["cache"] == "auto" and (device.type != "cuda" or not fits) else (
-        fits[0] if fits else "all" if world == 1 else "shard")
-    if cfg["cache"] != "off":
-        held = need / (world if plan == "shard" else 1)
-        common.print0(f"device cache ({cfg['cache']}): {plan}: {n} images at a {side} px short side take about "
-                      f"{need / 2**30:.2f} GiB, {held / 2**30:.2f} GiB per process"
-                      + (f" ({held / free:.0%} of its free memory; at most {SHARE:.0%} is used)" if free < math.inf
-                         else ""))
+    plan = fits[0] if fits else "off" if cfg["cache"] == "auto" else "all" if world == 1 else "shard"  # as asked
+    held = need / (world if plan == "shard" else 1)
+    share = f" ({held / free:.0%} of its free memory; auto takes at most {SHARE:.0%})" if free < math.inf else ""
+    common.print0(f"device cache (--cache={cfg['cache']}): {plan}: {n} images at a {side} px short side take about "
+                  f"{need / 2**30:.2f} GiB, {held / 2**30:.2f} GiB per process{share}")
     return plan
 
 
 def fill_cache(dataset, plan, device, side, workers):
     """Every image of this process's share decoded once, its short side brought down to side (never up)."""
-    from tqdm import tqdm
     mine = range(common.RANK, len(dataset), common.WORLD) if plan == "shard" else range(len(dataset))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), 64, num_workers=workers,
                                          collate_fn=collate, worker_init_fn=data.leave_stop_signals_to_main,
@@ -244,7 +243,8 @@ def device_batches(cfg, dataset, loader, device):
     loader.sampler.own_shard = plan == "shard"
     if plan == "off":
         return DeviceBatches(dataset, device)
-    dataset.unreadable.zero_(), dataset.cpu_decoded.zero_()  # what the plan's sample read is not the fill's count
+    for count in (dataset.unreadable, dataset.cpu_decoded):  # the plan's sample read is not the fill's count
+        count.zero_()
     cache = fill_cache(dataset, plan, device, cache_side(cfg["img_size"], cfg["crop_min_scale"]), cfg["workers"])
     counts = torch.tensor([float(dataset.unreadable), float(dataset.cpu_decoded)], device=device)
     if plan == "shard" and common.WORLD > 1:
