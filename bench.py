@@ -237,7 +237,7 @@ def device_path_rates(cfg, folder, device, rounds=3):
     cache = device_data.fill_cache(cached, "all", device, device_data.cache_side(size, 0.08), workers=0)
     batches = {name: (dataset, device_data.collate([dataset[i] for i in range(len(files))]))
                for name, dataset in dict(plain=plain, strong=strong, cached=cached).items()}
-    calls = {name: lambda d=d, b=b: device_data.DeviceBatches(d, device, cache if d is cached else None)(b)
+    calls = {name: lambda d=d, b=b: device_data.DeviceBatches(d, device, cache if d is cached else None).make(b)
              for name, (d, b) in batches.items()}
     t = seconds_per_call(calls, device, 1, rounds)
     return dict(worker=len(files) / worker, **{name: len(files) / seconds for name, seconds in t.items()})

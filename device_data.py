@@ -164,6 +164,8 @@ def decode(items, draws, indices, dataset, device):
     other file would (decoded, or replaced by the next readable image, its draws made anew for that image's size)."""
     images = [item.to(device, non_blocking=True) if item.dim() == 3 else None for item in items]
     jpegs = [k for k, item in enumerate(items) if item.dim() == 1]
+    if device.type == "cuda" and jpegs:  # nvJPEG can write its outputs before the work queued on the stream has run,
+        torch.cuda.current_stream(device).synchronize()  # into memory that work still reads (pytorch/vision#9606)
     try:
         decoded = decode_jpeg([items[k] for k in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
     except RuntimeError:  # one bad file fails them all: one by one
@@ -182,18 +184,42 @@ def decode(items, draws, indices, dataset, device):
 
 # ----------------------------------------------------------------------------- the device's part
 class DeviceBatches:
-    """The loader's batches -> (uint8 images [N, 3, S, S], patches), both on the device: decoded there, or read from
+    """The loader's batches -> (uint8 images [N, 3, S, S], patches), both on the device: decoded there, or taken from
     the cache (a list of images on the device, None for those of another process's shard), then augmented."""
     def __init__(self, dataset, device, cache=None):
         self.dataset, self.device, self.cache = dataset, device, cache
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def __call__(self, batch):
+    def make(self, batch):
         items, draws, patches, indices = batch
         if self.cache is None:
             images, draws = decode(items, draws, indices, self.dataset, self.device)
         else:
             images = [self.cache[i] for i in indices.tolist()]
         return augment(images, draws, self.dataset.transform), patches.to(self.device, non_blocking=True)
+
+    def __call__(self, loader):
+        """make() of each batch; on a GPU on a stream of its own, one batch ahead: the GPU decodes and augments batch
+        k + 1 while it trains on batch k."""
+        if self.stream is None:
+            yield from map(self.make, loader)
+            return
+        training, ahead = torch.cuda.current_stream(self.device), None
+        for batch in loader:
+            with torch.cuda.stream(self.stream):
+                made = self.make(batch), self.stream.record_event()
+            if ahead is not None:
+                yield self.hand_over(*ahead, training)
+            ahead = made
+        if ahead is not None:
+            yield self.hand_over(*ahead, training)
+
+    @staticmethod
+    def hand_over(tensors, ready, training):  # training waits for them; their memory is kept until it has used them
+        training.wait_event(ready)
+        for tensor in tensors:
+            tensor.record_stream(training)
+        return tensors
 
 
 def cache_side(img_size, crop_min_scale):
@@ -233,6 +259,8 @@ def fill_cache(dataset, plan, device, side, workers):
             if min(image.shape[1:]) > side:
                 image = F.resize(image, side, data.BICUBIC, antialias=True)
             cache[i], sizes[i] = image, torch.tensor(image.shape[1:])
+    if device.type == "cuda":  # filled on this stream, read on DeviceBatches' own
+        torch.cuda.synchronize(device)
     dataset.cached_sizes = sizes
     return cache
 

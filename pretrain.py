@@ -134,12 +134,12 @@ def train_step(model, optimizer, scaler, autocast, micro_batches, vocab, patch_s
     return stats
 
 
-def on_device(loader, accum_steps, to_device):
-    """The loader's batches on the device (to_device: the uint8 images and their patches there), accum_steps per
-    optimizer step, images normalised there (a quarter of the host traffic); an incomplete last group is left out."""
-    batches = iter(loader)
+def on_device(batches, accum_steps):
+    """Batches of (uint8 images, patches) on the device, accum_steps per optimizer step, images normalised there (a
+    quarter of the host traffic); an incomplete last group is left out."""
+    batches = iter(batches)
     while len(group := list(itertools.islice(batches, accum_steps))) == accum_steps:
-        yield [(data.normalize(images), patches) for images, patches in map(to_device, group)]
+        yield [(data.normalize(images), patches) for images, patches in group]
 
 
 def save_picture(path, model, images, patches, vocab, patch_size):
@@ -296,7 +296,8 @@ def main():
             common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch}")
 
     to_device = device_data.device_batches(cfg, train_set, loader, device) if on_device_path else (
-        lambda batch: (batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)))
+        lambda batches: ((images.to(device, non_blocking=True), patches.to(device, non_blocking=True))
+                         for images, patches, _ in batches))
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     bar = tqdm(total=total_steps, initial=step, disable=None if common.MASTER else True, dynamic_ncols=True)
     picture_batch, stop.training = None, True
@@ -305,7 +306,7 @@ def main():
         data.set_epoch(loader, epoch, skip_batches=(step % steps_per_epoch) * cfg["accum_steps"])
         train_model.train()
         sums, steps, tick = {}, 0, time.perf_counter()
-        for micro_batches in on_device(loader, cfg["accum_steps"], to_device):
+        for micro_batches in on_device(to_device(loader), cfg["accum_steps"]):
             lr = common.set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, cfg["min_lr"])
             stats = train_step(train_model, optimizer, scaler, autocast, micro_batches, vocab, cfg["patch_size"],
                                cfg["clip_grad"])

@@ -37,7 +37,7 @@ def both_paths(folder, strong, epoch=0, img_size=32):
     device.epoch.fill_(epoch)
     expected, expected_patches, _ = zip(*[workers[i] for i in range(len(images))])
     items, draws, patches, indices = device_data.collate([device[i] for i in range(len(images))])
-    got, _ = device_data.DeviceBatches(device, torch.device("cpu"))((items, draws, patches, indices))
+    got, _ = device_data.DeviceBatches(device, torch.device("cpu")).make((items, draws, patches, indices))
     return torch.stack(expected), torch.stack(expected_patches), got, patches, draws
 
 
@@ -80,7 +80,7 @@ def test_the_device_cache_keeps_the_crops_statistics(tmp_path):
     assert dataset.cached_sizes.tolist() == [list(image.shape[1:]) for image in cache]
     items, draws, patches, indices = device_data.collate([dataset[i] for i in range(len(images))])
     assert all(item.numel() == 0 for item in items)  # the workers read nothing
-    got, _ = device_data.DeviceBatches(dataset, torch.device("cpu"), cache)((items, draws, patches, indices))
+    got, _ = device_data.DeviceBatches(dataset, torch.device("cpu"), cache).make((items, draws, patches, indices))
     small = [k for k, size in enumerate(sizes) if min(size) <= side]
     assert 0 < len(small) < len(sizes) and torch.equal(got[small], expected[small])
     e, g = expected.float().transpose(0, 1).flatten(1), got.float().transpose(0, 1).flatten(1)
