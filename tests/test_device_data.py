@@ -142,3 +142,30 @@ def test_unreadable_images_on_the_device_path_are_skipped_and_counted(tmp_path, 
                    "--tokenizer=random_projection", "--log_every=4", "--loader=device", f"--cache={cache}",
                    f"--out_dir={tmp_path / 'strict'}", check=False)
     assert too_many.returncode != 0 and "unreadable" in too_many.stderr
+
+
+def test_the_cache_plan_follows_the_free_memory(monkeypatch, capsys, tmp_path):
+    """--cache=auto keeps the set on each GPU when it takes at most 25% of the free memory, shards it across the
+    processes when only a share fits, else leaves it off; --cache=device shards or keeps it whatever the memory; a CPU
+    caches only when asked. The plan is printed."""
+    import common
+    folder = write_photos(tmp_path, count=8)
+    dataset = device_data.EncodedImages(data.build_dataset("folder", folder, "train"), data.pretrain_transform(16), 4)
+    side = device_data.cache_side(16, 0.08)
+    need = sum(3 * h * w * min(1, side / min(h, w)) ** 2 for h, w in (dataset.read(i)[1] for i in range(8)))
+    monkeypatch.setattr(common, "WORLD", 4)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for free, auto, device in ((4 * need + 1, "all", "all"), (need, "shard", "shard"), (need / 2, "off", "shard")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (free, 10 * free))
+        for cache, plan in (("auto", auto), ("device", device)):
+            cfg = dict(cache=cache, img_size=16, crop_min_scale=0.08, seed=0)
+            assert device_data.plan_cache(cfg, dataset, gpu) == plan, (free / need, cache)
+            assert f"device cache (--cache={cache}): {plan}: 8 images" in capsys.readouterr().out
+    assert device_data.plan_cache(dict(cfg, cache="auto"), dataset, cpu) == "off"
+    assert device_data.plan_cache(dict(cfg, cache="device"), dataset, cpu) == "all"  # host memory: not checked
+    assert device_data.plan_cache(dict(cfg, cache="off"), dataset, gpu) == "off"
+
+
+def test_the_cache_needs_the_device_loader(tmp_path):
+    result = run("pretrain.py", *TINY, "--loader=workers", "--cache=device", f"--out_dir={tmp_path}", check=False)
+    assert result.returncode == 1 and "--cache=device needs --loader=device" in result.stderr
