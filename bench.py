@@ -10,7 +10,8 @@ matmul (and pretrain.py's denominator, a spec sheet, on known GPUs), with peak G
 BEiT (time ratio next to FLOP ratio); our ViT vs a stack of nn.TransformerEncoderLayer; fused vs naive
 InfoNCE (time, peak memory); tokenization's share of the step and the monitor's of an epoch; probe.py's
 linear probes and k-NN on synthetic features of ImageNet size; our loader against the plain torchvision
-pipeline per worker, and the workers the step needs. The calls a ratio compares take turns, round after
+pipeline per worker, and the workers the step needs; the device path (pretrain.py --loader=device): its bytes-only
+worker, the device's decode + augment, from the device cache, and against the step on a GPU. The calls a ratio compares take turns, round after
 round, and each time is the fastest of its rounds (a busy machine only ever adds time). Writes
 out/bench.json too.
 """
@@ -47,7 +48,7 @@ config = dict(
     steps=5,  # timed rounds; each function reports its fastest
     compile=False,  # torch.compile the models
     nce_sizes="256,1024,4096,8192,16384",  # global batch sizes for the InfoNCE rows ("" skips them)
-    loader=True,  # the loading rows: our loader against plain torchvision, and the workers a step needs
+    loader=True,  # the loading rows: our loaders (workers, device) against plain torchvision; the workers a step needs
     probe_features="100000,12,768",  # images,blocks,width of synthetic features for probe.py's rows ("" skips them)
     data="",  # a folder of images for the loading rows; "": 64 JPEGs at 640x480 written to out/bench_jpegs
     gpu_img_s=3000.0,  # the step rate the loader must feed without a GPU (ViT-B SplitMask, one H200, 45% MFU)
