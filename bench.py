@@ -11,9 +11,9 @@ BEiT (time ratio next to FLOP ratio); our ViT vs a stack of nn.TransformerEncode
 InfoNCE (time, peak memory); tokenization's share of the step and the monitor's of an epoch; probe.py's
 linear probes and k-NN on synthetic features of ImageNet size; our loader against the plain torchvision
 pipeline per worker, and the workers the step needs; the device path (pretrain.py --loader=device): its bytes-only
-worker, the device's decode + augment, from the device cache, and against the step on a GPU. The calls a ratio compares take turns, round after
-round, and each time is the fastest of its rounds (a busy machine only ever adds time). Writes
-out/bench.json too.
+worker, the device's decode + augment, from the device cache, and against the step on a GPU. The calls a ratio
+compares take turns, round after round, and each time is the fastest of its rounds (a busy machine only ever adds
+time). Writes out/bench.json too.
 """
 import ctypes
 import json
