@@ -78,8 +78,9 @@ def augment(images, draws, transform):
     d = draws.to(device, torch.float32, non_blocking=True).view(len(x), -1, 1, 1, 1).unbind(1)  # each [N, 1, 1, 1]
     x = torch.where(d[D["flip"]] > 0, x.flip(-1), x)
 
-    def chosen(rows):  # the images a draw picked, as an index on the device (the draws are on the host: no wait)
-        return torch.nonzero(rows).flatten().to(device, non_blocking=True)
+    def chosen(rows):  # the images a draw picked, as an index on the device (made on the host, pinned: no wait)
+        index = torch.nonzero(rows).flatten()
+        return (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
 
     if "ColorJitter" in s:  # brightness, contrast, saturation, hue, in each image's drawn order (ColorJitter's fn_idx)
         adjust = (lambda x, f: _blend(x, 0, f), lambda x, f: _blend(x, _gray(x).floor_().mean((1, 2, 3), True), f),
@@ -88,7 +89,8 @@ def augment(images, draws, transform):
             for k, name in enumerate(DRAWS[10:14]):
                 rows = (draws[:, D["jitter"]] > 0) & (draws[:, D["order0"] + position] == k)
                 if rows.any():
-                    x[chosen(rows)] = adjust[k](x[chosen(rows)], d[D[name]][chosen(rows)])
+                    picked = chosen(rows)
+                    x[picked] = adjust[k](x[picked], d[D[name]][picked])
     if "RandomGrayscale" in s:
         x = torch.where(d[D["gray"]] > 0, _gray(x).to(torch.uint8).expand_as(x), x)
     if "GaussianBlur" in s and (rows := draws[:, D["blur"]] > 0).any():  # torchvision's kernel, each image its own
@@ -125,19 +127,21 @@ class EncodedImages(data.MaskedImages):
         self.cpu_decoded = torch.zeros((), dtype=torch.long).share_memory_()  # this epoch: not JPEG, or not nvjpeg's
 
     def read(self, i):
-        """Image i's bytes and (height, width) when it is a JPEG file whose header PIL reads, else (data.Augmented.load)
-        the image, or the next readable one, decoded here."""
+        """Image i's bytes and (height, width) when it is a whole RGB or grayscale JPEG file (its header read by PIL,
+        its end marker there), else (data.Augmented.load) the image, or the next readable one, decoded here: other
+        formats, CMYK (nvJPEG cannot) and JPEGs cut short (nvJPEG may not say so) on the CPU."""
         path = file_of(self.dataset, i)
         if path is not None:
             try:
                 with open(path, "rb") as f:
                     raw = f.read()
-                if raw[:3] == b"\xff\xd8\xff":
-                    with Image.open(io.BytesIO(raw)) as image:  # the header only
+                with Image.open(io.BytesIO(raw)) as image:  # the header only
+                    whole = raw.rstrip(b"\0").endswith(b"\xff\xd9")  # JPEG's end-of-image marker
+                    if image.format == "JPEG" and image.mode in ("RGB", "L") and whole:
                         return torch.frombuffer(bytearray(raw), dtype=torch.uint8), image.size[::-1]
+                self.cpu_decoded += 1
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                 pass  # load names and counts it
-            self.cpu_decoded += 1
         image = self.load(i)[0]
         return image, tuple(image.shape[1:])
 
@@ -223,9 +227,19 @@ class DeviceBatches:
 
 
 def cache_side(img_size, crop_min_scale):
-    """The cache's short side: the smallest crop (crop_min_scale of the area) still spans img_size pixels of it, so
-    no crop is resized up from fewer pixels than the file has (792 px at 224 with 8% crops: most photos as they are)."""
-    return math.ceil(img_size / math.sqrt(crop_min_scale))
+    """The cache's short side: the smallest crop (crop_min_scale of the area, aspect ratio down to 3/4) of a square
+    image still spans img_size pixels, so no crop is resized up from fewer pixels than the file has (915 px at 224
+    with 8% crops: most photos as they are)."""
+    return math.ceil(img_size / math.sqrt(0.75 * crop_min_scale))
+
+
+def free_memory(device):  # bytes free on the device, the least of any process's (one plan for all); a CPU: no limit
+    if device.type != "cuda":
+        return math.inf
+    free = torch.tensor(float(torch.cuda.mem_get_info(device)[0]), device=device)
+    if common.WORLD > 1:
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return free.item()
 
 
 def plan_cache(cfg, dataset, device):
@@ -237,7 +251,7 @@ def plan_cache(cfg, dataset, device):
     sample = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"]))[:100].tolist()
     sizes = [dataset.read(i)[1] for i in sample]
     need = n * sum(3 * h * w * min(1, side / min(h, w)) ** 2 for h, w in sizes) / len(sizes)  # bytes
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else math.inf
+    free = free_memory(device)
     fits = [plan for plan, share in (("all", need), ("shard", need / world)) if share <= SHARE * free]
     plan = fits[0] if fits else "off" if cfg["cache"] == "auto" else "all" if world == 1 else "shard"  # as asked
     held = need / (world if plan == "shard" else 1)
@@ -265,17 +279,21 @@ def fill_cache(dataset, plan, device, side, workers):
     return cache
 
 
-def device_batches(cfg, dataset, loader, device):
-    """pretrain.py's DeviceBatches, with the cache --cache asks for: planned (printed), then filled."""
+def device_batches(cfg, dataset, loader, device, shard=None):
+    """pretrain.py's DeviceBatches, with the cache --cache asks for: planned (printed), then filled. shard: whether a
+    resumed run drew its batches from per-process shards (None: a new run, sharded when the cache is)."""
     plan = plan_cache(cfg, dataset, device)
-    loader.sampler.own_shard = plan == "shard"
+    if plan == "shard" and shard is False:  # a run that began on the whole set goes on with it: no cache this time
+        common.print0("device cache: off (this run began without shards, and its order stays as it was)")
+        plan = "off"
+    loader.sampler.own_shard = plan == "shard" if shard is None else shard
     if plan == "off":
         return DeviceBatches(dataset, device)
     for count in (dataset.unreadable, dataset.cpu_decoded):  # the plan's sample read is not the fill's count
         count.zero_()
     cache = fill_cache(dataset, plan, device, cache_side(cfg["img_size"], cfg["crop_min_scale"]), cfg["workers"])
     counts = torch.tensor([float(dataset.unreadable), float(dataset.cpu_decoded)], device=device)
-    if plan == "shard" and common.WORLD > 1:
+    if plan == "shard" and common.WORLD > 1:  # each process read its own shard
         dist.all_reduce(counts)
     unreadable, cpu_decoded = counts.int().tolist()
     common.print0(f"device cache filled: {len(dataset)} images ({cpu_decoded} decoded on the CPU, {unreadable} "

@@ -203,7 +203,7 @@ def main():
         (cfg["temperature"] > 0, f"--temperature={cfg['temperature']} must be positive"),
         (cfg["monitor_every"] >= 0 and cfg["monitor_images"] != 1 and cfg["monitor_images"] >= 0, "--monitor_every="
          f"{cfg['monitor_every']} must be 0 (off) or more, --monitor_images={cfg['monitor_images']} 0 (auto) or 2+"),
-        (cfg["cache"] != "device" or cfg["loader"] != "workers", "--cache=device needs --loader=device (or auto)"),
+        (0 < cfg["crop_min_scale"] <= 1, f"--crop_min_scale={cfg['crop_min_scale']} must be in (0, 1]"),
         (cfg["vocab_size"] >= 2, f"--vocab_size={cfg['vocab_size']} must be at least 2"),
         (cfg["tokenizer"] == "random_projection" or cfg["tokenizer_samples"] >= cfg["vocab_size"],
          f"--tokenizer_samples={cfg['tokenizer_samples']} must be at least --vocab_size={cfg['vocab_size']}"),
@@ -224,6 +224,8 @@ def main():
     images = data.from_flags(cfg, "train")
     transform = data.pretrain_transform(cfg["img_size"], cfg["crop_min_scale"], cfg["strong_aug"])
     on_device_path = cfg["loader"] == "device" or cfg["loader"] == "auto" and device.type == "cuda"
+    if cfg["cache"] == "device" and not on_device_path:
+        common.fail("--cache=device needs the device loader: --loader=device (auto picks it on a GPU only)")
     train_set = (device_data.EncodedImages if on_device_path else data.MaskedImages)(
         images, transform, encoder.grid, cfg["method"], cfg["mask_ratio"], cfg["mask_kind"], cfg["min_block"],
         seed=cfg["seed"])
@@ -272,7 +274,8 @@ def main():
         common.log(cfg, monitor(0, step, autocast))
 
     def checkpoint():  # a collective: every process's RNG state goes in
-        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu(), monitor=history)
+        common.save_run(ckpt_path, cfg, model, optimizer, scaler, step, vocab=vocab.cpu(), monitor=history,
+                        shard=loader.sampler.own_shard)
 
     def log_step(epoch, lr, sums, steps, seconds):
         """Means over the steps since the last log and over the processes (the one host sync: every process learns of
@@ -295,7 +298,9 @@ def main():
         if unreadable and step % steps_per_epoch == 0:
             common.print0(f"warning: {unreadable} unreadable images were skipped in epoch {epoch}")
 
-    to_device = device_data.device_batches(cfg, train_set, loader, device) if on_device_path else (
+    shard = state.get("shard") if state else None  # a resumed run keeps the order it drew its batches in
+    loader.sampler.own_shard = bool(shard)
+    to_device = device_data.device_batches(cfg, train_set, loader, device, shard) if on_device_path else (
         lambda batches: ((images.to(device, non_blocking=True), patches.to(device, non_blocking=True))
                          for images, patches, _ in batches))
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)

@@ -66,27 +66,33 @@ def test_strong_augmentation_on_the_device_matches_the_workers_statistics(tmp_pa
 
 
 def test_the_device_cache_keeps_the_crops_statistics(tmp_path):
-    """The cache holds each image with its short side brought down (never up) to img_size / sqrt(crop_min_scale),
-    boxes drawn on that size: a smaller image's crops are the worker path's, a larger one's have the same share of
-    the image. Pixel mean and std within 1 grey level, sharpness (mean step between neighbours) within 5%."""
+    """The cache holds each image with its short side brought down (never up) to img_size / sqrt(0.75 crop_min_scale),
+    boxes drawn on that size: a smaller image's crops are the worker path's, a larger one's cover the same share of
+    it. Over 16 epochs of 48 photos, channel means and stds within 1 grey level of the worker path's, sharpness (mean
+    step between neighbours) within 3%. (A cache at the evaluation size, 18 px here, fails: std off by 2.1 levels,
+    sharpness 15% lower.)"""
     folder = write_photos(tmp_path, count=48)
-    expected = both_paths(folder, strong=False, img_size=16)[0]
     images = data.build_dataset("folder", folder, "train")
     dataset = device_data.EncodedImages(images, data.pretrain_transform(16, 0.08), 4, seed=3)
     side = device_data.cache_side(16, 0.08)
     cache = device_data.fill_cache(dataset, "all", torch.device("cpu"), side, workers=0)
     sizes = [data.read_image(path).shape[1:] for path, _ in images.samples]
-    assert side == 57 and [min(image.shape[1:]) for image in cache] == [min(side, *size) for size in sizes]
+    assert side == 66 and [min(image.shape[1:]) for image in cache] == [min(side, *size) for size in sizes]
     assert dataset.cached_sizes.tolist() == [list(image.shape[1:]) for image in cache]
-    items, draws, patches, indices = device_data.collate([dataset[i] for i in range(len(images))])
-    assert all(item.numel() == 0 for item in items)  # the workers read nothing
-    got, _ = device_data.DeviceBatches(dataset, torch.device("cpu"), cache).make((items, draws, patches, indices))
-    small = [k for k, size in enumerate(sizes) if min(size) <= side]
-    assert 0 < len(small) < len(sizes) and torch.equal(got[small], expected[small])
+    small, expected, got = [k for k, size in enumerate(sizes) if min(size) <= side], [], []
+    for epoch in range(16):
+        expected.append(both_paths(folder, strong=False, epoch=epoch, img_size=16)[0])
+        dataset.epoch.fill_(epoch)
+        items, draws, patches, indices = device_data.collate([dataset[i] for i in range(len(images))])
+        assert all(item.numel() == 0 for item in items)  # the workers read nothing
+        got.append(device_data.DeviceBatches(dataset, torch.device("cpu"), cache).make(
+            (items, draws, patches, indices))[0])
+        assert 0 < len(small) < len(sizes) and torch.equal(got[-1][small], expected[-1][small])
+    expected, got = torch.cat(expected), torch.cat(got)
     e, g = expected.float().transpose(0, 1).flatten(1), got.float().transpose(0, 1).flatten(1)
     assert (e.mean(1) - g.mean(1)).abs().max() < 1 and (e.std(1) - g.std(1)).abs().max() < 1
     sharpness = [(x.float()[..., 1:] - x.float()[..., :-1]).abs().mean() for x in (expected, got)]
-    assert abs(sharpness[1] / sharpness[0] - 1) < 0.05
+    assert abs(sharpness[1] / sharpness[0] - 1) < 0.03
 
 
 def test_a_sharded_cache_gives_each_process_its_own_shard_reshuffled():
@@ -156,7 +162,7 @@ def test_the_cache_plan_follows_the_free_memory(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(common, "WORLD", 4)
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     for free, auto, device in ((4 * need + 1, "all", "all"), (need, "shard", "shard"), (need / 2, "off", "shard")):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _: (free, 10 * free))
+        monkeypatch.setattr(device_data, "free_memory", lambda device: free if device.type == "cuda" else float("inf"))
         for cache, plan in (("auto", auto), ("device", device)):
             cfg = dict(cache=cache, img_size=16, crop_min_scale=0.08, seed=0)
             assert device_data.plan_cache(cfg, dataset, gpu) == plan, (free / need, cache)
@@ -168,4 +174,21 @@ def test_the_cache_plan_follows_the_free_memory(monkeypatch, capsys, tmp_path):
 
 def test_the_cache_needs_the_device_loader(tmp_path):
     result = run("pretrain.py", *TINY, "--loader=workers", "--cache=device", f"--out_dir={tmp_path}", check=False)
-    assert result.returncode == 1 and "--cache=device needs --loader=device" in result.stderr
+    assert result.returncode == 1 and "--cache=device needs the device loader: --loader=device" in result.stderr
+
+
+def test_a_resumed_run_keeps_the_order_it_drew_its_batches_in(monkeypatch, capsys, tmp_path):
+    """Whether batches come from per-process shards is saved in the checkpoint: a resumed run keeps it whatever the
+    free memory now says (else the batches a mid-epoch resume skips are not those it trained on)."""
+    dataset = device_data.EncodedImages(data.build_dataset("folder", write_photos(tmp_path, count=8), "train"),
+                                        data.pretrain_transform(16), 4)
+    loader = data.make_loader(dataset, 4, workers=0, collate_fn=device_data.collate)
+    cfg = dict(cache="auto", img_size=16, crop_min_scale=0.08, seed=0, workers=0, max_unreadable=0.01)
+    cpu = torch.device("cpu")
+    for plan, shard, sharded, cached in (("shard", None, True, True), ("all", None, False, True),
+                                         ("shard", False, False, False), ("all", True, True, True),
+                                         ("off", True, True, False)):
+        monkeypatch.setattr(device_data, "plan_cache", lambda *args: plan)
+        batches = device_data.device_batches(cfg, dataset, loader, cpu, shard)
+        assert loader.sampler.own_shard == sharded and (batches.cache is not None) == cached, (plan, shard)
+    assert "this run began without shards" in capsys.readouterr().out
