@@ -14,7 +14,8 @@ What the first minutes on a GPU machine should check, as one table (also saved a
    for a few steps on its checkpoint;
 4. bench.py's loader rows on 640x480 JPEGs: one worker against plain torchvision; the device path (--loader=device,
    the default on a GPU: nvjpeg and the augmentation on the GPU) against the ViT-B/16 and ViT-S/16 steps, its workers
-   (bytes and draws only) and from the device cache; how many workers the step needs, against this machine's cores.
+   (bytes and draws only) and from the device cache; how many workers the step needs, against this machine's cores;
+   the device path's batches made on its own stream one ahead against the same made in turn, and against the CPU's.
 Every row is checked whatever the others do: the whole table always prints, a failed row carries the end of
 its run's own error output, and the exit code is 1 when any row failed. Without CUDA it says so and exits 0.
 """
@@ -35,10 +36,11 @@ import torch.nn.functional as F
 
 import common
 import data
+import device_data
 import finetune
 import pretrain
 import tokenizers
-from bench import random_masks
+from bench import random_masks, write_jpegs
 from model import Classifier, SplitMask, ViT, info_nce, param_groups
 
 config = dict(
@@ -160,6 +162,24 @@ def sync_rows(cfg, device, autocast, scaler):
     rows.append(("host syncs evaluating 4 batches", "ok" if syncs <= 2 else "FAILED",
                  f"{syncs}: top-1 and top-5 read once, at the end"))
     return rows
+
+
+def device_path_rows(cfg, device):
+    """pretrain.py's device data path on 64 JPEGs (640x480) with the strong augmentation: batches made on its own
+    stream one ahead (what training reads) against the same batches made in turn, and against the CPU's pixels."""
+    size = 32 if cfg["tiny"] else 224
+    files = data.build_dataset("folder", write_jpegs(os.path.join(cfg["out_dir"], "jpegs"), count=64), "train")
+    dataset = device_data.EncodedImages(files, data.pretrain_transform(size, 0.08, strong=True), size // 16, seed=0)
+    batches = [device_data.collate([dataset[i] for i in range(k, k + 16)]) for k in range(0, 64, 16)]
+    ahead = [images.clone() for images, _ in device_data.DeviceBatches(dataset, device)(batches)]
+    in_turn = [device_data.DeviceBatches(dataset, device).make(batch)[0] for batch in batches]
+    on_cpu = torch.cat([device_data.DeviceBatches(dataset, torch.device("cpu")).make(batch)[0] for batch in batches])
+    same = all(torch.equal(a, b) for a, b in zip(ahead, in_turn))
+    gap = (torch.cat(in_turn).float().cpu().mean((0, 2, 3)) - on_cpu.float().mean((0, 2, 3))).abs().max().item()
+    return [("device path: batches made one ahead", "ok" if same else "FAILED",
+             "equal to the same batches made in turn" if same else "they differ: the stream hand-over races"),
+            ("device path: pixels against the CPU's", "ok" if gap < 1 else "FAILED",
+             f"channel means within {gap:.2f} grey levels (nvJPEG against libjpeg; 1 allowed)")]
 
 
 def guarded(rows, name, check, *args):
@@ -287,6 +307,7 @@ def main():
         guarded(rows, f"bench.py{' (compiled)' if compiled else ''}", bench, cfg, compiled, model_sizes)
     small = model_sizes if cfg["tiny"] else ["--model=small", "--batch_size=256"]
     guarded(rows, "bench.py (ViT-S)", bench, cfg, False, small, " (ViT-S)")
+    guarded(rows, "device path", device_path_rows, cfg, device)
     guarded(rows, "torchrun pretrain.py: kill and resume", pretrain_kill_resume, cfg, gpus, run_sizes)
     ckpt = os.path.join(cfg["out_dir"], "pretrain", "ckpt.pt")
     for script, flags in (("probe.py", ["--probe_epochs=5"]), ("finetune.py", ["--epochs=1", "--warmup_epochs=0"])):

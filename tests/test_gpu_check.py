@@ -10,14 +10,16 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path):
     result = run("gpu_check.py", "--device=cpu", "--tiny=True", f"--out_dir={tmp_path}", timeout=600)
     rows = {name: (value, note) for name, value, note in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
     for name in ("SplitMask step", "BEiT step", "loading: plain torchvision, one worker", "loading: ours, one worker",
-                 "loader workers to feed the step", "what limits the step", "device path: one worker (bytes, draws, masks)",
-                 "device path: decode + augment on the cpu", "SplitMask step (ViT-S)",
+                 "loader workers to feed the step", "what limits the step",
+                 "device path: one worker (bytes, draws, masks)", "device path: decode + augment on the cpu",
+                 "SplitMask step (ViT-S)",
                  "device path: decode + augment on the cpu (ViT-S)"):
         assert name in rows and name in result.stdout, name
     resumed = rows["torchrun pretrain.py: kill and resume"]
     assert resumed[0] == "ok" and "2 processes, killed after step 4, resumed from it to step 16" in resumed[1], resumed
     assert rows["probe.py on its checkpoint"][0] == rows["finetune.py on its checkpoint"][0] == "ok", rows
     assert rows["--dtype=auto"][0] == "float32"  # the rows made in process (host syncs: on a GPU only)
+    assert rows["device path: batches made one ahead"][0] == rows["device path: pixels against the CPU's"][0] == "ok"
     for name in ("k-means fitted twice", "InfoNCE under bf16 autocast", "words under bf16 autocast"):
         assert rows[name][0] == "ok", (name, rows[name])
     assert "FAILED" not in result.stdout
