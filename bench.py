@@ -202,46 +202,33 @@ def write_jpegs(folder, count=64):
     return folder
 
 
-def loading_rows(cfg, folder, rounds=3):
-    """Images/s of one loader worker (one thread) on the same files: our pipeline (torchvision decode, uint8
-    crop and flip, masks; normalised later on the device) and the plain torchvision one (PIL decode,
-    RandomResizedCrop, flip, ToTensor, Normalize), taking turns round by round."""
+def loading_rows(cfg, folder, device, rounds=3):
+    """Images/s on the same files, taking turns round by round. Of one loader worker (one thread): our pipeline
+    (torchvision decode, uint8 crop and flip, masks; normalised later on the device), the plain torchvision one (PIL
+    decode, RandomResizedCrop, flip, ToTensor, Normalize) and the device path's (bytes, draws, masks). Then of the
+    device path's decode + augment on the device (a CPU: its threads): crop and flip, strong, from the device cache."""
     from torchvision import transforms as T
     files = data.build_dataset("folder", folder, "train").samples[:64]
-    size, threads = cfg["img_size"], torch.get_num_threads()
-    ours = data.MaskedImages(data.ImageFiles(files, []), data.pretrain_transform(size), size // cfg["patch_size"],
-                             "splitmask", 0.5, "block", 16)
+    size, threads, grid = cfg["img_size"], torch.get_num_threads(), cfg["img_size"] // cfg["patch_size"]
+    ours = data.MaskedImages(data.ImageFiles(files, []), data.pretrain_transform(size), grid, "splitmask", 0.5,
+                             "block", 16)
     plain = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
                        T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
+    encoded = {name: device_data.EncodedImages(data.ImageFiles(files, []), data.pretrain_transform(
+        size, strong=name == "strong"), grid, "splitmask", 0.5, "block", 16) for name in ("plain", "strong", "cached")}
     calls = dict(ours=lambda: [ours.transform(data.read_image(path)) for path, _ in files],
                  ours_with_masks=lambda: [ours[i] for i in range(len(files))],
-                 torchvision=lambda: [plain(Image.open(path).convert("RGB")) for path, _ in files])
+                 torchvision=lambda: [plain(Image.open(path).convert("RGB")) for path, _ in files],
+                 device_worker=lambda: [encoded["plain"][i] for i in range(len(files))])
     torch.set_num_threads(1)  # as in a loader worker
     t = seconds_per_call(calls, torch.device("cpu"), 1, rounds)
     torch.set_num_threads(threads)
+    cache = device_data.fill_cache(encoded["cached"], "all", device, device_data.cache_side(size, 0.08), workers=0)
+    batches = {name: device_data.collate([dataset[i] for i in range(len(files))]) for name, dataset in encoded.items()}
+    t |= seconds_per_call({name: lambda name=name: device_data.DeviceBatches(
+        encoded[name], device, cache if name == "cached" else None).make(batches[name]) for name in encoded}, device, 1,
+        rounds)
     return {name: len(files) / seconds for name, seconds in t.items()}
-
-
-def device_path_rates(cfg, folder, device, rounds=3):
-    """Images/s of the device path (pretrain.py --loader=device) on the same files: one worker reading bytes and
-    drawing augmentations and masks (one thread), and the device decoding and augmenting the batch (on a CPU: its
-    threads), crop and flip alone, with the strong augmentation, and from the device cache (no decoding)."""
-    files = data.build_dataset("folder", folder, "train").samples[:64]
-    size, grid = cfg["img_size"], cfg["img_size"] // cfg["patch_size"]
-    plain, strong, cached = (device_data.EncodedImages(data.ImageFiles(files, []), data.pretrain_transform(
-        size, 0.08, aug), grid, "splitmask", 0.5, "block", 16) for aug in (False, True, False))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a loader worker
-    worker = seconds_per_call(dict(worker=lambda: [plain[i] for i in range(len(files))]), torch.device("cpu"), 1,
-                              rounds)["worker"]
-    torch.set_num_threads(threads)
-    cache = device_data.fill_cache(cached, "all", device, device_data.cache_side(size, 0.08), workers=0)
-    batches = {name: (dataset, device_data.collate([dataset[i] for i in range(len(files))]))
-               for name, dataset in dict(plain=plain, strong=strong, cached=cached).items()}
-    calls = {name: lambda d=d, b=b: device_data.DeviceBatches(d, device, cache if d is cached else None).make(b)
-             for name, (d, b) in batches.items()}
-    t = seconds_per_call(calls, device, 1, rounds)
-    return dict(worker=len(files) / worker, **{name: len(files) / seconds for name, seconds in t.items()})
 
 
 def machine(device):
@@ -331,7 +318,7 @@ def main():
             f"a tenth of the training set): {knn * N / 1000 * L / 10 / 60:.1f} min")
     if cfg["loader"]:
         folder = cfg["data"] or write_jpegs(os.path.join(os.path.dirname(cfg["out"]) or ".", "bench_jpegs"))
-        rate = loading_rows(cfg, folder)
+        rate = loading_rows(cfg, folder, device)
         files = f"{'' if cfg['data'] else '640x480 '}JPEGs of {folder}"
         row("loading: plain torchvision, one worker", f"{rate['torchvision']:.0f} img/s",
             f"{files} -> {cfg['img_size']} px")
@@ -340,16 +327,16 @@ def main():
         step_rate = B / t_split if device.type == "cuda" else cfg["gpu_img_s"]
         row("loader workers to feed the step", f"{step_rate / rate['ours_with_masks']:.1f}",
             f"at {step_rate:.0f} img/s ({'this step' if device.type == 'cuda' else 'a stated GPU rate: --gpu_img_s'})")
-        fast = device_path_rates(cfg, folder, device)
-        row("device path: one worker (bytes, draws, masks)", f"{fast['worker']:.0f} img/s",
-            f"{fast['worker'] / rate['ours_with_masks']:.1f}x a decoding worker's (with masks)")
-        row("device path: workers to feed the step", f"{step_rate / fast['worker']:.1f}", f"at {step_rate:.0f} img/s")
-        row(f"device path: decode + augment on the {device.type}", f"{fast['plain']:.0f} img/s",
-            f"strong augmentation {fast['strong']:.0f} img/s; from the device cache {fast['cached']:.0f} img/s"
+        row("device path: one worker (bytes, draws, masks)", f"{rate['device_worker']:.0f} img/s",
+            f"{rate['device_worker'] / rate['ours_with_masks']:.1f}x a decoding worker's (with masks)")
+        row("device path: workers to feed the step", f"{step_rate / rate['device_worker']:.1f}",
+            f"at {step_rate:.0f} img/s")
+        row(f"device path: decode + augment on the {device.type}", f"{rate['plain']:.0f} img/s",
+            f"strong augmentation {rate['strong']:.0f} img/s; from the device cache {rate['cached']:.0f} img/s"
             + ("" if device.type == "cuda" else f" ({torch.get_num_threads()} threads)"))
         if device.type == "cuda":  # the GPU decodes and trains: its share of the step's time
-            row("device path / the step", f"{fast['plain'] / step_rate:.2f}x", f"{fast['cached'] / step_rate:.1f}x "
-                f"from the cache; {fast['strong'] / step_rate:.2f}x with strong augmentation (target: 1.5x for ViT-S)")
+            row("device path / the step", f"{rate['plain'] / step_rate:.2f}x", f"{rate['cached'] / step_rate:.1f}x "
+                f"from the cache; {rate['strong'] / step_rate:.2f}x with strong augmentation (target: 1.5x for ViT-S)")
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     with open(cfg["out"], "w") as f:
         json.dump(dict(config=cfg, machine=machine(device), torch=torch.__version__, rows=rows,
