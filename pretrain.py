@@ -301,8 +301,8 @@ def main():
     shard = state.get("shard") if state else None  # a resumed run keeps the order it drew its batches in
     loader.sampler.own_shard = bool(shard)
     to_device = device_data.device_batches(cfg, train_set, loader, device, shard) if on_device_path else (
-        lambda batches: ((images.to(device, non_blocking=True), patches.to(device, non_blocking=True))
-                         for images, patches, _ in batches))
+        lambda batches: ((pixels.to(device, non_blocking=True), patches.to(device, non_blocking=True))
+                         for pixels, patches, _ in batches))  # the worker path: uint8 crops made by the workers
     # the loop: an epoch that was cut short resumes at its next batch (same order, masks, augmentation)
     bar = tqdm(total=total_steps, initial=step, disable=None if common.MASTER else True, dynamic_ncols=True)
     picture_batch, stop.training = None, True
