@@ -2,6 +2,7 @@
 (torchvision's, on uint8 tensors: 3-4x faster than on PIL images; pre-training batches stay uint8 until `normalize`
 runs on the device), masks and loaders."""
 import functools
+import math
 import os
 import shlex
 import signal
@@ -146,6 +147,14 @@ def from_flags(cfg, split):
                              cfg["num_images"] if split == "train" else None)
     except FileNotFoundError as e:
         common.fail(e)
+
+
+def check_unreadable(cfg, unreadable, num_images, which, examples=""):
+    """After a pass over num_images (which: the images it read): too many unreadable ones stop the run, naming the
+    --max_unreadable that would let it skip them."""
+    if unreadable > cfg["max_unreadable"] * num_images:
+        common.fail(f"{unreadable} of the {num_images} images {which} are unreadable{examples}: fix or remove them, or "
+                    f"let the run skip them with --max_unreadable={math.ceil(100 * unreadable / num_images) / 100}")
 
 
 def same_data(cfg, given):  # the flags given that name a run's data: a command suggested next passes them on

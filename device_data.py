@@ -298,7 +298,5 @@ def device_batches(cfg, dataset, loader, device, shard=None):
     unreadable, cpu_decoded = counts.int().tolist()
     common.print0(f"device cache filled: {len(dataset)} images ({cpu_decoded} decoded on the CPU, {unreadable} "
                   "unreadable ones replaced by the next readable image)")
-    if unreadable > cfg["max_unreadable"] * len(dataset):
-        common.fail(f"{unreadable} of the {len(dataset)} training images are unreadable: fix or remove them, or let "
-                    f"the run skip them with --max_unreadable={math.ceil(100 * unreadable / len(dataset)) / 100}")
+    data.check_unreadable(cfg, unreadable, len(dataset), "the device cache read")
     return DeviceBatches(dataset, device, cache)

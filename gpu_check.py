@@ -171,9 +171,11 @@ def device_path_rows(cfg, device):
     files = data.build_dataset("folder", write_jpegs(os.path.join(cfg["out_dir"], "jpegs"), count=64), "train")
     dataset = device_data.EncodedImages(files, data.pretrain_transform(size, 0.08, strong=True), size // 16, seed=0)
     batches = [device_data.collate([dataset[i] for i in range(k, k + 16)]) for k in range(0, 64, 16)]
-    ahead = [images.clone() for images, _ in device_data.DeviceBatches(dataset, device)(batches)]
-    in_turn = [device_data.DeviceBatches(dataset, device).make(batch)[0] for batch in batches]
-    on_cpu = torch.cat([device_data.DeviceBatches(dataset, torch.device("cpu")).make(batch)[0] for batch in batches])
+    on_gpu = device_data.DeviceBatches(dataset, device)
+    on_host = device_data.DeviceBatches(dataset, torch.device("cpu"))
+    ahead = [images.clone() for images, _ in on_gpu(batches)]
+    in_turn = [on_gpu.make(batch)[0] for batch in batches]
+    on_cpu = torch.cat([on_host.make(batch)[0] for batch in batches])
     same = all(torch.equal(a, b) for a, b in zip(ahead, in_turn))
     gap = (torch.cat(in_turn).float().cpu().mean((0, 2, 3)) - on_cpu.float().mean((0, 2, 3))).abs().max().item()
     return [("device path: batches made one ahead", "ok" if same else "FAILED",

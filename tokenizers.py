@@ -170,8 +170,6 @@ def fit_vocabulary(cfg, images, transform, num_patches, device):
     unreadable = torch.tensor(float(sample.unreadable), device=device)
     if common.WORLD > 1:
         dist.all_reduce(unreadable)
-    if unreadable > cfg["max_unreadable"] * len(sample):
-        common.fail(f"{int(unreadable)} of the {len(sample)} images the vocabulary pass read are unreadable, such as "
-                    f"{', '.join(sample.unreadable_files())}: fix or remove them, or let the run skip them "
-                    f"with --max_unreadable={math.ceil(100 * unreadable.item() / len(sample)) / 100}")
+    data.check_unreadable(cfg, int(unreadable), len(sample), "the vocabulary pass read",
+                          f", such as {', '.join(sample.unreadable_files())}")
     return vocab
